@@ -1,0 +1,58 @@
+"""All configuration in one pydantic-settings object, read from ``BEN2Q_*`` variables.
+
+Nothing else in ben2q reads ``os.environ`` for its own settings: code takes a ``Settings``
+(or the process-wide ``get_settings()``) so tests and embedders can pass their own.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Precision = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class Settings(BaseSettings):
+    """Settings of the engine, the library and the CLI (prefix ``BEN2Q_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="BEN2Q_", extra="ignore")
+
+    # --- model -------------------------------------------------------------------------
+    model_spec: Literal["base", "tiny"] = Field(
+        "base", description="Network variant: 'base' is the real BEN2 Base; 'tiny' is for tests."
+    )
+    weights: Path | None = Field(
+        None, description="Checkpoint (.pth or .safetensors); default: the Hugging Face hub."
+    )
+    hf_repo_id: str = "PramaLLC/BEN2"
+    hf_filename: str = "BEN2_Base.pth"
+    hf_revision: str | None = None
+    device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'; default: auto.")
+    precision: Precision = Field(
+        "auto", description="'auto' is float16 autocast on CUDA and float32 on CPU."
+    )
+    max_batch: int = Field(4, ge=1, le=64, description="Images per forward pass at most.")
+
+    # --- input limits ------------------------------------------------------------------
+    max_image_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Encoded bytes at most.")
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="Decoded pixels at most; also Pillow's bomb guard."
+    )
+
+    # --- URL fetching ------------------------------------------------------------------
+    allow_private_urls: bool = Field(
+        False, description="Allow loopback/private/link-local hosts (tests, trusted networks)."
+    )
+    fetch_timeout: float = Field(30.0, gt=0, description="Seconds for a whole URL fetch.")
+    fetch_connect_timeout: float = Field(5.0, gt=0)
+    fetch_max_redirects: int = Field(5, ge=0, le=20)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,108 @@
+"""The one error tree of ben2q. Every error carries a stable ``code`` string.
+
+Codes are part of the public contract: job records, CLI messages and webhooks carry them,
+so they never change once released. Lower libraries' errors (Pillow, httpx, boto3, torch)
+are translated into these at one boundary each, with ``raise ... from exc``.
+
+::
+
+    BEN2QError                      code "internal"
+    ├── InvalidImage (ValueError)   code "invalid_image"    undecodable, empty, wrong kind
+    │   └── ImageTooLarge           code "image_too_large"  over the byte or pixel limit
+    ├── InvalidRequest (ValueError) code "invalid_request"  a request field is wrong (.field)
+    ├── FetchError                  code "fetch_failed"     base of URL fetching errors
+    │   ├── ForbiddenURL            code "forbidden_url"    scheme, host or address refused
+    │   └── FetchFailed             code "fetch_failed"     network error, HTTP error, timeout
+    └── WeightsUnavailable          code "weights_unavailable"  no checkpoint to load
+
+A bad item in a batch does not raise out of ``remove_background_batch``-like calls that
+document per-item results; they return the error object in that item's place instead.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BEN2QError",
+    "InvalidImage",
+    "ImageTooLarge",
+    "InvalidRequest",
+    "FetchError",
+    "ForbiddenURL",
+    "FetchFailed",
+    "WeightsUnavailable",
+    "ERROR_CODES",
+]
+
+
+class BEN2QError(Exception):
+    """Base of every error raised by ben2q on purpose."""
+
+    code: str = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        """The JSON form used in job records: ``{"code", "message"}``."""
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidImage(BEN2QError, ValueError):
+    """The input is not an image we can decode (empty, truncated, not an image)."""
+
+    code = "invalid_image"
+
+
+class ImageTooLarge(InvalidImage):
+    """The input is over a configured limit on bytes or pixels (decompression bombs too)."""
+
+    code = "image_too_large"
+
+
+class InvalidRequest(BEN2QError, ValueError):
+    """A request is malformed; ``field`` names the offending field."""
+
+    code = "invalid_request"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class FetchError(BEN2QError):
+    """Base of the errors of fetching an input by URL."""
+
+    code = "fetch_failed"
+
+
+class ForbiddenURL(FetchError):
+    """The URL's scheme, host or resolved address is not allowed (SSRF guard)."""
+
+    code = "forbidden_url"
+
+
+class FetchFailed(FetchError):
+    """The fetch failed: network error, HTTP error status, body too slow."""
+
+    code = "fetch_failed"
+
+
+class WeightsUnavailable(BEN2QError):
+    """No model checkpoint could be found or loaded."""
+
+    code = "weights_unavailable"
+
+
+ERROR_CODES: frozenset[str] = frozenset(
+    cls.code
+    for cls in (
+        BEN2QError,
+        InvalidImage,
+        ImageTooLarge,
+        InvalidRequest,
+        ForbiddenURL,
+        FetchFailed,
+        WeightsUnavailable,
+    )
+)
