@@ -1,0 +1,153 @@
+"""Finding and loading BEN2 checkpoints, safely.
+
+Checkpoints are read with ``torch.load(..., weights_only=True)`` (``{"model_state_dict": ...}``
+as published) or from ``.safetensors``; never with pickle's full power. Without an explicit
+path the published ``BEN2_Base.pth`` comes through ``huggingface_hub``'s own cache, so
+``HF_HOME``, ``HF_HUB_OFFLINE`` and a pre-populated cache work as for any hub model.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import WeightsUnavailable
+from .specs import ModelSpec
+
+HOW_TO_SUPPLY = (
+    "supply weights with weights_path=... or BEN2Q_WEIGHTS=/path/to/BEN2_Base.pth "
+    "(.pth or .safetensors), or put the file into the Hugging Face cache while online "
+    "(`hf download PramaLLC/BEN2 BEN2_Base.pth`) and point HF_HOME at that cache"
+)
+
+
+def hub_weights_path(
+    *, repo_id: str = "PramaLLC/BEN2", filename: str = "BEN2_Base.pth", revision: str | None = None
+) -> Path:
+    """The checkpoint's path in the hub cache, downloading it if allowed and needed."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except (
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        EntryNotFoundError,
+        RepositoryNotFoundError,
+        HfHubHTTPError,
+        OSError,
+        ValueError,
+    ) as exc:
+        raise WeightsUnavailable(
+            f"cannot get {filename} from the Hugging Face repository {repo_id} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
+            f"{HOW_TO_SUPPLY}"
+        ) from exc
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a checkpoint file's state dict without executing code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailable(f"no checkpoint file at {path}; {HOW_TO_SUPPLY}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or hostile file: one clear error
+        raise WeightsUnavailable(f"cannot read checkpoint {path}: {exc}") from exc
+    if isinstance(obj, Mapping) and "model_state_dict" in obj:
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, Mapping):
+        raise WeightsUnavailable(f"checkpoint {path} holds no state dict")
+    return dict(obj)
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Pure clean-up before strict loading: drop DataParallel/compile prefixes.
+
+    The relative-position index buffers are a function of the window size; a checkpoint
+    whose index differs from ours would silently scramble attention, so it is rejected.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    own = model.state_dict()
+    for key, value in out.items():
+        if key.endswith("relative_position_index") and key in own:
+            if value.shape != own[key].shape or not torch.equal(value.long(), own[key]):
+                raise WeightsUnavailable(f"checkpoint buffer {key} does not match the model")
+    return out
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a checkpoint into ``model`` with ``strict=True``; translate mismatches."""
+    state = checkpoint_filter_fn(read_state_dict(path), model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsUnavailable(
+            f"checkpoint {path} does not fit this model: {str(exc)[:500]}"
+        ) from exc
+    return model
+
+
+def deterministic_tensor(key: str, shape: tuple[int, ...]) -> Tensor:
+    """The conformance recipe's weight for one tensor: a pure function of key and shape.
+
+    Used by tests, benchmarks and the ``tiny`` spec, which has no published checkpoint.
+    """
+    rs = np.random.RandomState(zlib.crc32(key.encode("utf-8")))
+    z = rs.standard_normal(size=shape).astype(np.float32)
+    if len(shape) == 1:
+        z = 1.0 + 0.1 * z if key.endswith("weight") else 0.05 * z
+    elif key.endswith("relative_position_bias_table"):
+        z = 0.02 * z
+    else:
+        z = z / math.sqrt(int(np.prod(shape[1:])))
+    return torch.from_numpy(np.ascontiguousarray(z))
+
+
+def deterministic_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """A full state dict for ``model`` by the conformance recipe (index buffers kept)."""
+    return {
+        key: value.clone()
+        if key.endswith("relative_position_index")
+        else deterministic_tensor(key, tuple(value.shape))
+        for key, value in model.state_dict().items()
+    }
+
+
+def resolve_checkpoint(spec: ModelSpec, weights: str | Path | None, settings) -> Path | None:
+    """Where the weights come from: an explicit path, else the hub (None: deterministic).
+
+    ``settings`` is a ``ben2q.config.Settings``; specs without published weights (``tiny``)
+    use the deterministic recipe when no path is given.
+    """
+    if weights is not None:
+        return Path(weights)
+    if spec.hub_filename is None:
+        return None
+    return hub_weights_path(
+        repo_id=settings.hf_repo_id,
+        filename=settings.hf_filename or spec.hub_filename,
+        revision=settings.hf_revision,
+    )
