@@ -13,13 +13,16 @@ are translated into these at one boundary each, with ``raise ... from exc``.
     ├── FetchError                  code "fetch_failed"     base of URL fetching errors
     │   ├── ForbiddenURL            code "forbidden_url"    scheme, host or address refused
     │   └── FetchFailed             code "fetch_failed"     network error, HTTP error, timeout
-    └── WeightsUnavailable          code "weights_unavailable"  no checkpoint to load
+    ├── WeightsUnavailable          code "weights_unavailable"  no checkpoint to load
+    └── BatchFailed                 code "partial"          some items of a batch failed
 
-A bad item in a batch does not raise out of ``remove_background_batch``-like calls that
-document per-item results; they return the error object in that item's place instead.
+A bad item in a batch fails alone: the batch call processes every good item, then raises
+``BatchFailed`` whose ``results`` hold the outputs and, in the bad items' places, their errors.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "BEN2QError",
@@ -30,6 +33,7 @@ __all__ = [
     "ForbiddenURL",
     "FetchFailed",
     "WeightsUnavailable",
+    "BatchFailed",
     "ERROR_CODES",
 ]
 
@@ -94,6 +98,22 @@ class WeightsUnavailable(BEN2QError):
     code = "weights_unavailable"
 
 
+class BatchFailed(BEN2QError):
+    """Some items of a batch failed; the others' results are in ``results``.
+
+    ``results[i]`` is the item's output, or its error (a ``BEN2QError``) if it failed;
+    ``errors`` maps the failed indices to their errors.
+    """
+
+    code = "partial"
+
+    def __init__(self, results: list[Any], errors: dict[int, BEN2QError]) -> None:
+        detail = "; ".join(f"item {i}: {e.code}: {e.message}" for i, e in errors.items())
+        super().__init__(f"{len(errors)} of {len(results)} items failed ({detail})")
+        self.results = results
+        self.errors = errors
+
+
 ERROR_CODES: frozenset[str] = frozenset(
     cls.code
     for cls in (
@@ -104,5 +124,6 @@ ERROR_CODES: frozenset[str] = frozenset(
         ForbiddenURL,
         FetchFailed,
         WeightsUnavailable,
+        BatchFailed,
     )
 )

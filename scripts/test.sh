@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh machine: sets up .venv if needed, installs the system
+# services the tests start themselves (redis-server), then pytest. Extra args go to pytest.
+# Usage: bash scripts/test.sh [pytest args...]     e.g.  bash scripts/test.sh -m "not slow"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c "import ben2q, torch" 2>/dev/null; then
+  bash scripts/setup.sh --no-example
+fi
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,206 @@
+"""Batched BEN2 inference: preprocessing, one forward per chunk, alpha and refinement.
+
+An ``Engine`` owns one model on one device, loaded once. ``remove_background`` takes decoded
+upright RGB images (see ``ben2q.imageio``) and returns RGBA images of the same sizes. Images
+are stacked into batches of at most ``max_batch`` and go through the network as one tensor;
+post-processing (mask resize, alpha, refinement) stays on the model's device.
+
+The pipeline matches the reference implementation (see ``tests/fixtures`` and the
+conformance tests): Lanczos resize to the model's square input, ImageNet normalisation,
+sigmoid mask, bilinear resize back, min-max normalisation, truncation to 8 bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from .config import Precision, Settings, get_settings
+from .errors import InvalidImage
+from .model import BEN2, build_model, deterministic_state_dict, get_spec, load_weights
+from .model.specs import ModelSpec
+from .model.weights import resolve_checkpoint
+from .refine import refine_foreground_tensor
+
+log = logging.getLogger(__name__)
+
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: the first CUDA device if there is one, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype:
+    """``auto`` is float16 autocast on CUDA and float32 elsewhere (the conforming path)."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[precision]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result: its upright RGB input, the 8-bit alpha and optional refined RGB."""
+
+    rgb: np.ndarray
+    """(H, W, 3) uint8: the colours of the output (refined when asked)."""
+    alpha: np.ndarray
+    """(H, W) uint8."""
+
+    def to_image(self) -> Image.Image:
+        """The RGBA result as a PIL image."""
+        return Image.fromarray(np.dstack([self.rgb, self.alpha]), mode="RGBA")
+
+
+class Engine:
+    """A warm BEN2 model on one device with batched inference."""
+
+    def __init__(
+        self,
+        model: BEN2,
+        *,
+        device: str | torch.device | None = None,
+        precision: Precision = "auto",
+        max_batch: int = 4,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.max_batch = max_batch
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        self.spec: ModelSpec = model.spec
+        self._mean = torch.tensor(_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(_STD, device=self.device).view(1, 3, 1, 1)
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        weights: str | Path | None = None,
+        spec: str | ModelSpec | None = None,
+        device: str | torch.device | None = None,
+        precision: Precision | None = None,
+        max_batch: int | None = None,
+        settings: Settings | None = None,
+    ) -> Engine:
+        """Build the network and load its weights; arguments override ``settings``.
+
+        Weights: ``weights``, else ``settings.weights`` (``BEN2Q_WEIGHTS``), else the hub
+        cache (``PramaLLC/BEN2``). The ``tiny`` spec without a path uses deterministic
+        weights. Raises ``WeightsUnavailable`` with instructions when none can be had.
+        """
+        s = settings or get_settings()
+        model_spec = get_spec(spec or s.model_spec)
+        model = build_model(model_spec)
+        path = resolve_checkpoint(model_spec, weights or s.weights, s)
+        started = time.perf_counter()
+        if path is None:
+            model.load_state_dict(deterministic_state_dict(model), strict=True)
+        else:
+            load_weights(model, path)
+        log.info(
+            "loaded BEN2 %s weights from %s in %.2f s",
+            model_spec.name,
+            path or "the deterministic recipe",
+            time.perf_counter() - started,
+        )
+        return cls(
+            model,
+            device=device if device is not None else s.device,
+            precision=precision or s.precision,
+            max_batch=max_batch or s.max_batch,
+        )
+
+    # --- stages ------------------------------------------------------------------------
+
+    def preprocess(self, image: Image.Image) -> Tensor:
+        """RGB image -> (3, S, S) uint8 CPU tensor, Lanczos-resized (normalised later)."""
+        if image.mode != "RGB":
+            raise InvalidImage(f"expected an RGB image, got mode {image.mode}")
+        size = self.spec.input_size
+        resized = image.resize((size, size), resample=Image.Resampling.LANCZOS)
+        return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[None]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def forward(self, batch: Tensor) -> Tensor:
+        """(B, 3, S, S) uint8 -> (B, 1, S, S) float32 foreground probability on the device."""
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        x = batch.to(self.device, non_blocking=True).float().div_(255.0)
+        x = (x - self._mean) / self._std
+        with torch.inference_mode(), self._autocast():
+            return self.model(x).float()
+
+    @staticmethod
+    def mask_to_alpha(mask: Tensor, height: int, width: int) -> Tensor:
+        """(1, S, S) probability -> (H, W) uint8 alpha: bilinear resize, min-max, truncate.
+
+        A constant mask (no contrast to stretch) maps to its own value instead of NaN.
+        """
+        m = F.interpolate(mask[None], size=(height, width), mode="bilinear", align_corners=False)
+        m = m[0, 0]
+        lo, hi = m.min(), m.max()
+        span = hi - lo
+        m = torch.where(span > 0, (m - lo) / torch.where(span > 0, span, 1.0), m)
+        return (m * 255.0).clamp_(0, 255).to(torch.uint8)
+
+    def postprocess(self, image: Image.Image, mask: Tensor, refine: bool = False) -> Prediction:
+        """(1, S, S) mask of ``image`` -> its alpha (and refined colours when asked)."""
+        width, height = image.size
+        alpha = self.mask_to_alpha(mask, height, width)
+        rgb_np = np.asarray(image)
+        if not refine:
+            return Prediction(rgb=rgb_np, alpha=alpha.cpu().numpy())
+        rgb = torch.from_numpy(rgb_np.copy()).to(self.device).permute(2, 0, 1).float() / 255.0
+        fg = refine_foreground_tensor(rgb[None], alpha[None, None].float() / 255.0)[0]
+        refined = (fg * 255.0).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return Prediction(rgb=refined, alpha=alpha.cpu().numpy())
+
+    # --- public API --------------------------------------------------------------------
+
+    def chunks(self, n: int) -> Iterator[range]:
+        """Index ranges of the batches that ``n`` images are run in."""
+        for start in range(0, n, self.max_batch):
+            yield range(start, min(n, start + self.max_batch))
+
+    def predict(self, images: Sequence[Image.Image], *, refine: bool = False) -> list[Prediction]:
+        """Run upright RGB images through the model in batches of at most ``max_batch``."""
+        results: list[Prediction] = []
+        for idx in self.chunks(len(images)):
+            batch = torch.stack([self.preprocess(images[i]) for i in idx])
+            masks = self.forward(batch)
+            results.extend(self.postprocess(images[i], masks[j], refine) for j, i in enumerate(idx))
+        return results
+
+    def remove_background(
+        self, images: Sequence[Image.Image], *, refine: bool = False
+    ) -> list[Image.Image]:
+        """RGBA images (input size, input colours or refined ones) for upright RGB images."""
+        return [p.to_image() for p in self.predict(images, refine=refine)]
+
+    def warmup(self) -> float:
+        """One forward on a blank image so the first real job does not pay for allocation."""
+        started = time.perf_counter()
+        size = self.spec.input_size
+        self.forward(torch.zeros((1, 3, size, size), dtype=torch.uint8))
+        return time.perf_counter() - started

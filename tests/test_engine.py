@@ -1,0 +1,90 @@
+"""The engine on the tiny spec: batching, chunking, alpha semantics, precision, refinement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ben2q.config import Settings
+from ben2q.engine import Engine, resolve_device, resolve_precision
+from ben2q.errors import InvalidImage
+
+
+def test_precision_and_device_defaults():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == torch.float32
+    assert resolve_precision("auto", torch.device("cuda")) == torch.float16
+    assert resolve_precision("bfloat16", cpu) == torch.bfloat16
+    assert resolve_device("cpu") == cpu
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_outputs_are_rgba_of_the_input_size_with_the_input_colours(tiny_engine, make_image):
+    images = [make_image(97, 61, seed=1), make_image(64, 200, seed=2)]
+    outs = tiny_engine.remove_background(images)
+    for src, out in zip(images, outs, strict=True):
+        assert out.mode == "RGBA" and out.size == src.size
+        assert np.array_equal(np.asarray(out)[..., :3], np.asarray(src))
+        alpha = np.asarray(out)[..., 3]
+        assert alpha.min() == 0 and alpha.max() == 255  # min-max normalised
+
+
+def test_batches_and_chunks_equal_single_images(make_image):
+    images = [make_image(120 + 13 * i, 90 + 7 * i, seed=i) for i in range(5)]
+    chunked = Engine.load(settings=Settings(model_spec="tiny", device="cpu", max_batch=2))
+    assert [list(r) for r in chunked.chunks(5)] == [[0, 1], [2, 3], [4]]
+    batched = chunked.predict(images)
+    singles = [chunked.predict([img])[0] for img in images]
+    for b, s in zip(batched, singles, strict=True):
+        diff = np.abs(b.alpha.astype(int) - s.alpha.astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+    # different images give different alphas: the comparison is not vacuous
+    assert not np.array_equal(batched[0].alpha[:60, :60], batched[1].alpha[:60, :60])
+
+
+def test_mask_to_alpha_min_max_normalises_and_truncates():
+    mask = torch.tensor([[[0.2, 0.4], [0.6, 0.7]]])
+    alpha = Engine.mask_to_alpha(mask, 2, 2)
+    # (m - 0.2) / 0.5 * 255 truncated: 0, 102, 204, 255
+    assert alpha.tolist() == [[0, 102], [204, 255]]
+    assert alpha.dtype == torch.uint8
+    flat = Engine.mask_to_alpha(torch.full((1, 4, 4), 0.5), 3, 5)
+    assert flat.shape == (3, 5) and torch.all(flat == 127)  # no NaN for a constant mask
+
+
+def test_refinement_changes_colours_not_alpha(tiny_engine, make_image):
+    img = make_image(150, 100, seed=4)
+    plain, refined = tiny_engine.predict([img])[0], tiny_engine.predict([img], refine=True)[0]
+    assert np.array_equal(plain.alpha, refined.alpha)
+    assert refined.rgb.shape == (100, 150, 3) and refined.rgb.dtype == np.uint8
+    assert not np.array_equal(refined.rgb, plain.rgb)
+    # where the matte is opaque the colour stays the image's
+    opaque = plain.alpha == 255
+    if opaque.any():
+        diff = np.abs(refined.rgb[opaque].astype(int) - plain.rgb[opaque].astype(int))
+        assert diff.max() <= 2
+
+
+def test_bfloat16_autocast_on_cpu_stays_close_to_float32(make_image):
+    img = make_image(128, 128, seed=5)
+    fp32 = Engine.load(settings=Settings(model_spec="tiny", device="cpu")).predict([img])[0]
+    bf16_engine = Engine.load(
+        settings=Settings(model_spec="tiny", device="cpu", precision="bfloat16")
+    )
+    assert bf16_engine.dtype == torch.bfloat16
+    bf16 = bf16_engine.predict([img])[0]
+    diff = np.abs(fp32.alpha.astype(int) - bf16.alpha.astype(int))
+    assert diff.mean() < 8 and np.percentile(diff, 90) <= 16
+
+
+def test_preprocess_rejects_non_rgb_and_warmup_runs(tiny_engine):
+    with pytest.raises(InvalidImage, match="RGB"):
+        tiny_engine.preprocess(Image.new("L", (10, 10)))
+    x = tiny_engine.preprocess(Image.new("RGB", (10, 30), (255, 0, 0)))
+    assert x.shape == (3, 512, 512) and x.dtype == torch.uint8
+    assert x[0].min() == 255 and x[1].max() == 0
+    assert tiny_engine.warmup() > 0
+    with pytest.raises(ValueError):
+        Engine(tiny_engine.model, max_batch=0)
