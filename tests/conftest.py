@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 FIXTURES = Path(__file__).parent / "fixtures"
+sys.path.insert(0, str(Path(__file__).parent))  # tests/servers.py
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +49,33 @@ def make_image():
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server for the whole session (its own port and directory)."""
+    from servers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server over HTTP for the whole session."""
+    from servers import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_env(s3_server, monkeypatch):
+    """AWS variables for boto3's credential chain, in this process and for subprocesses."""
+    from servers import S3_ENV
+
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    return {**S3_ENV, "BEN2Q_S3_ENDPOINT_URL": s3_server.url}

@@ -51,6 +51,43 @@ class Settings(BaseSettings):
     fetch_connect_timeout: float = Field(5.0, gt=0)
     fetch_max_redirects: int = Field(5, ge=0, le=20)
 
+    # --- queue -------------------------------------------------------------------------
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis).")
+    result_backend: str | None = Field(
+        None, description="Status/result store; default: the broker URL."
+    )
+    queue: str = Field("ben2q", description="Queue of the image jobs.")
+    visibility_timeout: int = Field(
+        3600,
+        ge=10,
+        description="Seconds before an unacknowledged job is redelivered (Redis transport); "
+        "must exceed the longest job, see the README.",
+    )
+    job_soft_time_limit: float = Field(300.0, gt=0, description="Seconds per image (soft).")
+    job_time_limit: float = Field(360.0, gt=0, description="Seconds per image (hard kill).")
+    job_max_attempts: int = Field(3, ge=1, description="Deliveries before a job is failed.")
+    retry_backoff_max: int = Field(120, ge=1, description="Longest wait between retries (s).")
+    status_ttl: int = Field(7 * 24 * 3600, ge=60, description="Seconds job records are kept.")
+    batch_window_ms: float = Field(
+        5.0, ge=0, le=1000, description="How long a lone job may wait for companions (ms)."
+    )
+    max_batch_items: int = Field(1000, ge=1, description="Inputs of one batch job at most.")
+    io_threads: int = Field(8, ge=1, le=64, description="Parallel downloads/uploads per worker.")
+
+    # --- storage -----------------------------------------------------------------------
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO...); credentials via boto3's chain."
+    )
+    s3_max_attempts: int = Field(5, ge=1, description="boto3 standard-mode attempts per call.")
+    local_root: Path | None = Field(
+        None, description="Directory that file:// inputs and outputs must lie in; unset: refused."
+    )
+
+    @property
+    def status_url(self) -> str:
+        """The Redis URL of job records and events."""
+        return self.result_backend or self.broker_url
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

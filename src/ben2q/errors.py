@@ -14,6 +14,10 @@ are translated into these at one boundary each, with ``raise ... from exc``.
     │   ├── ForbiddenURL            code "forbidden_url"    scheme, host or address refused
     │   └── FetchFailed             code "fetch_failed"     network error, HTTP error, timeout
     ├── WeightsUnavailable          code "weights_unavailable"  no checkpoint to load
+    ├── NotFound                    code "not_found"        no such input object, file or job
+    ├── StorageError                code "storage_error"    reading an input failed (retryable)
+    │   └── UploadFailed            code "upload_failed"    writing an output failed
+    ├── JobTimeout                  code "timeout"          over the job's time limit
     └── BatchFailed                 code "partial"          some items of a batch failed
 
 A bad item in a batch fails alone: the batch call processes every good item, then raises
@@ -34,6 +38,10 @@ __all__ = [
     "FetchFailed",
     "WeightsUnavailable",
     "BatchFailed",
+    "NotFound",
+    "StorageError",
+    "UploadFailed",
+    "JobTimeout",
     "ERROR_CODES",
 ]
 
@@ -98,6 +106,30 @@ class WeightsUnavailable(BEN2QError):
     code = "weights_unavailable"
 
 
+class NotFound(BEN2QError):
+    """An input object or file does not exist, or a job id is unknown."""
+
+    code = "not_found"
+
+
+class StorageError(BEN2QError):
+    """Storage could not be reached or answered with a server error; worth retrying."""
+
+    code = "storage_error"
+
+
+class UploadFailed(StorageError):
+    """An output could not be written (after the storage client's own retries)."""
+
+    code = "upload_failed"
+
+
+class JobTimeout(BEN2QError):
+    """The job ran over its time limit."""
+
+    code = "timeout"
+
+
 class BatchFailed(BEN2QError):
     """Some items of a batch failed; the others' results are in ``results``.
 
@@ -125,5 +157,9 @@ ERROR_CODES: frozenset[str] = frozenset(
         FetchFailed,
         WeightsUnavailable,
         BatchFailed,
+        NotFound,
+        StorageError,
+        UploadFailed,
+        JobTimeout,
     )
 )

@@ -1,0 +1,42 @@
+"""What producers and workers must agree on: task names, queues and Celery settings.
+
+Both ``ben2q.client`` (which only sends) and ``ben2q.worker`` (which runs) build their
+Celery app from ``celery_config``, so serialization and transport options cannot drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import Settings
+
+TASK_REMOVE = "ben2q.remove"
+"""One image; several pending ones are run as one batched forward by the worker."""
+TASK_BATCH = "ben2q.batch"
+"""A batch job: many inputs under one job id."""
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings shared by producers and workers (JSON only, never pickle)."""
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.status_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_default_queue": settings.queue,
+        "task_routes": {
+            TASK_REMOVE: {"queue": settings.queue},
+            TASK_BATCH: {"queue": settings.queue},
+        },
+        # Redis redelivers a message nobody acknowledged within this many seconds; it must
+        # be longer than the longest job, or a running job is delivered twice (README).
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "task_ignore_result": True,  # job records live in ben2q.status, not in Celery results
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
