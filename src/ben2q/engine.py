@@ -183,13 +183,24 @@ class Engine:
         for start in range(0, n, self.max_batch):
             yield range(start, min(n, start + self.max_batch))
 
-    def predict(self, images: Sequence[Image.Image], *, refine: bool = False) -> list[Prediction]:
-        """Run upright RGB images through the model in batches of at most ``max_batch``."""
+    def predict(
+        self, images: Sequence[Image.Image], *, refine: bool | Sequence[bool] = False
+    ) -> list[Prediction]:
+        """Run upright RGB images through the model in batches of at most ``max_batch``.
+
+        ``refine`` is one flag for all images or one per image (jobs with and without
+        refinement share forward passes).
+        """
+        flags = [refine] * len(images) if isinstance(refine, bool) else list(refine)
+        if len(flags) != len(images):
+            raise ValueError("refine needs one flag per image")
         results: list[Prediction] = []
         for idx in self.chunks(len(images)):
             batch = torch.stack([self.preprocess(images[i]) for i in idx])
             masks = self.forward(batch)
-            results.extend(self.postprocess(images[i], masks[j], refine) for j, i in enumerate(idx))
+            results.extend(
+                self.postprocess(images[i], masks[j], flags[i]) for j, i in enumerate(idx)
+            )
         return results
 
     def remove_background(

@@ -1,0 +1,340 @@
+"""What a job does, without Celery: download, batched inference, upload, status.
+
+``JobRunner`` lives once per worker process next to the warm engine. ``run`` takes the items
+of one or several jobs and pipelines them: the inputs of the next chunk download while the
+current chunk is in the model, and outputs upload while the next chunk is in the model.
+Items of different jobs share forward passes (cross-job batching).
+
+Failures are per item. A permanent failure (bad image, missing input, forbidden URL) fails
+that item with its code. A transient one (storage unreachable) leaves the item pending and
+the job ``needs_retry``; the task layer schedules a retry with backoff, and items already
+done are not done again (their outputs sit at deterministic keys).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image
+
+from .config import Settings
+from .engine import Engine, Prediction
+from .errors import BEN2QError, ImageTooLarge, JobTimeout, StorageError
+from .imageio import decode_image
+from .jobs import CONTENT_TYPES, ErrorInfo, JobRequest, JobStatus, mask_uri, output_uri
+from .status import StatusStore
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobRun:
+    """One job inside a run: its request, its live record, and what went wrong in passing."""
+
+    request: JobRequest
+    status: JobStatus
+    transient: list[BEN2QError] = field(default_factory=list)
+    cancelled: bool = False
+
+    @property
+    def needs_retry(self) -> bool:
+        return bool(self.transient) and not self.cancelled
+
+
+@dataclass
+class _Item:
+    run: JobRun
+    index: int
+    started: float = 0.0
+
+
+def encode_output(prediction: Prediction, fmt: str) -> bytes:
+    """RGBA PNG (fast zlib level) or lossless WebP."""
+    buf = io.BytesIO()
+    image = prediction.to_image()
+    if fmt == "webp":
+        image.save(buf, format="WEBP", lossless=True, quality=50, method=2)
+    else:
+        image.save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def encode_mask(alpha: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(alpha, mode="L").save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+class JobRunner:
+    """Runs job items on a warm engine; one per worker process."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        storage: Storage,
+        store: StatusStore,
+        settings: Settings,
+        *,
+        hostname: str = "",
+    ) -> None:
+        self.engine = engine
+        self.storage = storage
+        self.store = store
+        self.settings = settings
+        self.hostname = hostname
+        self.pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="ben2q-io")
+
+    # --- job lifecycle -------------------------------------------------------------------
+
+    def begin(self, request: JobRequest) -> JobRun | None:
+        """Mark a delivered job running; ``None`` if it must not run (ended or cancelled)."""
+        status = self.store.get(request.id) or JobStatus.queued(request)
+        if status.done:
+            log.info("job %s already %s; skipping redelivery", request.id, status.state)
+            return None
+        now = time.time()
+        if self.store.cancel_requested(request.id):
+            self._cancel(status, now)
+            return None
+        status.attempts += 1
+        status.state = "running"
+        status.worker = self.hostname
+        status.started_at = status.started_at or now
+        if status.queue_wait_ms is None:
+            status.queue_wait_ms = round((now - status.created_at) * 1000, 3)
+        if status.attempts > self.settings.job_max_attempts:
+            status.error = ErrorInfo(
+                code="internal",
+                message=f"job was delivered {status.attempts} times without finishing "
+                "(its worker died each time)",
+            )
+            for item in status.items:
+                if item.state != "succeeded":
+                    item.state, item.error = "failed", status.error
+            self.finish(JobRun(request, status))
+            return None
+        self.store.save(status)
+        return JobRun(request, status)
+
+    def finish(self, run: JobRun) -> JobStatus:
+        """Settle and save the final state (or leave it for a retry)."""
+        status = run.status
+        now = time.time()
+        if run.cancelled:
+            self._cancel(status, now)
+            return status
+        status.settle()
+        status.finished_at = now
+        if status.started_at:
+            status.run_ms = round((now - status.started_at) * 1000, 3)
+        self.store.save(status)
+        log.info("job %s %s in %.0f ms", status.id, status.state, status.run_ms or 0)
+        return status
+
+    def prepare_retry(self, run: JobRun, countdown: float) -> None:
+        """Record that the job waits for a retry after transient errors."""
+        err = run.transient[-1]
+        run.status.state = "queued"
+        run.status.error = ErrorInfo(
+            code=err.code, message=f"{err.message}; retrying in {countdown:.1f} s"
+        )
+        self.store.save(run.status)
+
+    def give_up(self, run: JobRun) -> JobStatus:
+        """Transient errors past the retry budget become the items' failures."""
+        for item in run.status.items:
+            if item.state in ("pending", "running"):
+                err = run.transient[-1]
+                item.state, item.error = "failed", ErrorInfo(**err.to_dict())
+        run.transient.clear()
+        return self.finish(run)
+
+    def fail_all(self, run: JobRun, error: BEN2QError) -> JobStatus:
+        """Fail every unfinished item with ``error`` (time limits, internal errors)."""
+        info = ErrorInfo(**error.to_dict())
+        for item in run.status.items:
+            if item.state != "succeeded":
+                item.state, item.error = "failed", info
+        run.status.error = info
+        return self.finish(run)
+
+    def _cancel(self, status: JobStatus, now: float) -> None:
+        status.state = "cancelled"
+        status.finished_at = now
+        for item in status.items:
+            if item.state in ("pending", "running"):
+                item.state = "cancelled"
+        self.store.save(status)
+
+    # --- the pipeline --------------------------------------------------------------------
+
+    def run(self, runs: Sequence[JobRun], *, deadline: float | None = None) -> None:
+        """Process every unfinished item of ``runs`` in shared batches of ``max_batch``."""
+        items = [
+            _Item(run, i)
+            for run in runs
+            for i, item in enumerate(run.status.items)
+            if item.state != "succeeded"
+        ]
+        chunks = [items[r.start : r.stop] for r in self.engine.chunks(len(items))]
+        uploads: list[tuple[_Item, Future]] = []
+        downloads = self._download(chunks[0]) if chunks else []
+        for n, chunk in enumerate(chunks):
+            images = [f.result() if f is not None else None for f in downloads]
+            downloads = self._download(chunks[n + 1]) if n + 1 < len(chunks) else []
+            if deadline is not None and time.monotonic() > deadline:
+                raise JobTimeout("the job ran over its time limit")
+            ready = [
+                (item, img)
+                for item, img in zip(chunk, images, strict=True)
+                if img is not None and not item.run.cancelled
+            ]
+            if ready:
+                preds = self.engine.predict(
+                    [img for _, img in ready],
+                    refine=[item.run.request.options.refine for item, _ in ready],
+                )
+                for (item, _), pred in zip(ready, preds, strict=True):
+                    uploads.append((item, self.pool.submit(self._upload, item, pred)))
+            self._collect(uploads, block=False)
+            self._checkpoint(runs)
+        self._collect(uploads, block=True)
+        self._checkpoint(runs, final=True)
+
+    def _download(self, chunk: list[_Item]) -> list[Future | None]:
+        futures: list[Future | None] = []
+        for item in chunk:
+            if item.run.cancelled:
+                futures.append(None)
+                continue
+            item.started = time.perf_counter()
+            item.run.status.items[item.index].state = "running"
+            futures.append(self.pool.submit(self._fetch, item))
+        return futures
+
+    def _fetch(self, item: _Item) -> Image.Image | None:
+        uri = item.run.request.inputs[item.index]
+        try:
+            return decode_image(self.storage.read(uri), settings=self.settings)
+        except BEN2QError as exc:
+            self._item_error(item, exc)
+            return None
+
+    def _upload(self, item: _Item, pred: Prediction) -> None:
+        request, record = item.run.request, item.run.status.items[item.index]
+        fmt = request.options.format
+        meta = {
+            "job-id": request.id,
+            "item": str(item.index),
+            "source": quote(request.inputs[item.index], safe=":/?=&"),
+        }
+        target = output_uri(request, item.index)
+        self.storage.write(
+            target, encode_output(pred, fmt), content_type=CONTENT_TYPES[fmt], metadata=meta
+        )
+        mask_target = None
+        if request.options.mask:
+            mask_target = mask_uri(request, item.index)
+            self.storage.write(
+                mask_target, encode_mask(pred.alpha), content_type="image/png", metadata=meta
+            )
+        record.output, record.mask = target, mask_target
+        record.height, record.width = pred.alpha.shape
+        record.state, record.error = "succeeded", None
+        record.duration_ms = round((time.perf_counter() - item.started) * 1000, 3)
+
+    def _collect(self, uploads: list[tuple[_Item, Future]], *, block: bool) -> None:
+        for pair in list(uploads):
+            item, fut = pair
+            if not block and not fut.done():
+                continue
+            uploads.remove(pair)
+            try:
+                fut.result()
+            except BEN2QError as exc:
+                self._item_error(item, exc)
+            except Exception as exc:  # an encoder or storage bug: fail the item, not the worker
+                log.exception("upload of job %s item %d failed", item.run.request.id, item.index)
+                self._item_error(item, BEN2QError(f"{type(exc).__name__}: {exc}"))
+
+    def _item_error(self, item: _Item, exc: BEN2QError) -> None:
+        record = item.run.status.items[item.index]
+        if isinstance(exc, StorageError):
+            item.run.transient.append(exc)
+            record.state = "pending"
+            return
+        record.state, record.error = "failed", ErrorInfo(**exc.to_dict())
+        record.duration_ms = round((time.perf_counter() - item.started) * 1000, 3)
+        log.info("job %s item %d failed: %s", item.run.request.id, item.index, exc.code)
+
+    def _checkpoint(self, runs: Sequence[JobRun], *, final: bool = False) -> None:
+        """Publish progress and notice cancellations (once per chunk)."""
+        for run in runs:
+            if run.cancelled:
+                continue
+            status = run.status
+            done = sum(1 for i in status.items if i.state in ("succeeded", "failed"))
+            status.progress = round(done / len(status.items), 4) if status.items else 1.0
+            if final:
+                continue
+            if self.store.cancel_requested(status.id):
+                run.cancelled = True
+                log.info("job %s cancelled while running", status.id)
+            else:
+                self.store.save(status)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate" in text
+
+
+def run_jobs(
+    runner: JobRunner,
+    requests: Sequence[JobRequest],
+    *,
+    deadline: float | None = None,
+    timeouts: tuple[type[BaseException], ...] = (JobTimeout,),
+    on_retry: Callable[[JobRun], float | None] | None = None,
+) -> list[JobStatus | None]:
+    """Begin, run and finish jobs together; returns their final records (None: skipped).
+
+    Exceptions of ``timeouts`` (the task layer adds Celery's soft time limit) fail the
+    unfinished items with ``timeout``; running out of memory fails them with
+    ``image_too_large``; anything else with ``internal``; the worker process carries on.
+    ``on_retry(run)`` schedules a retry and returns its countdown, or ``None`` when the
+    retry budget is spent (then the transient errors fail their items).
+    """
+    runs = [r for r in (runner.begin(req) for req in requests) if r is not None]
+    failure: BEN2QError | None = None
+    try:
+        runner.run(runs, deadline=deadline)
+    except timeouts as exc:
+        failure = JobTimeout(f"over the time limit ({type(exc).__name__})")
+    except Exception as exc:
+        log.exception("jobs %s failed", [r.request.id for r in runs])
+        if _is_out_of_memory(exc):
+            failure = ImageTooLarge(f"out of memory: {exc}"[:500])
+        else:
+            failure = BEN2QError(f"{type(exc).__name__}: {exc}"[:500])
+    results: dict[str, JobStatus] = {}
+    for run in runs:
+        if failure is not None and not run.cancelled:
+            results[run.request.id] = runner.fail_all(run, failure)
+            continue
+        if run.needs_retry and on_retry is not None:
+            countdown = on_retry(run)
+            if countdown is not None:
+                runner.prepare_retry(run, countdown)
+                results[run.request.id] = run.status
+                continue
+        results[run.request.id] = runner.give_up(run) if run.transient else runner.finish(run)
+    return [results.get(req.id) for req in requests]

@@ -1,0 +1,182 @@
+"""The Celery tasks: what a delivered job message makes a worker do.
+
+``ben2q.remove`` (one image) is a celery-batches task: pending single-image jobs on a worker
+are handed over together and share forward passes. A lone job waits at most
+``BEN2Q_BATCH_WINDOW_MS``; while the model is busy, arriving jobs keep collecting until it
+is free (up to ``2 × BEN2Q_MAX_BATCH`` prefetched). ``BatchedJobTask`` extends celery-batches
+with what plain Celery tasks have and it lacks: soft and hard time limits for the flushed
+batch, and requeue of the batch's messages when the worker child dies.
+
+``ben2q.batch`` (a batch job) is a plain task with the same policy.
+
+Retries: only transient storage errors are retried, with Celery's exponential backoff with
+jitter, by re-sending the job under the same id; items already done are not redone. Bad
+images, missing inputs and refused URLs fail their item at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Collection
+from typing import Any
+
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+from celery.utils.time import get_exponential_backoff_interval
+from celery.worker.request import Request
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
+from pydantic import ValidationError
+
+from .broker import TASK_BATCH, TASK_REMOVE
+from .config import Settings
+from .errors import JobTimeout
+from .jobs import ErrorInfo, JobRequest
+from .runner import JobRun, run_jobs
+from .worker import app, state
+
+log = logging.getLogger(__name__)
+settings: Settings = app.conf.ben2q_settings
+TIMEOUTS = (JobTimeout, SoftTimeLimitExceeded)
+
+
+def _parse(kwargs: dict[str, Any]) -> JobRequest | None:
+    try:
+        return JobRequest.model_validate(kwargs.get("request"))
+    except ValidationError as exc:  # not ours or corrupted: nothing to record it on
+        log.error("dropping a malformed job message: %s", exc)
+        return None
+
+
+def _retry(run: JobRun) -> float | None:
+    """Re-send a job after transient errors; None when its attempts are spent."""
+    attempt = run.status.attempts
+    if attempt >= settings.job_max_attempts:
+        return None
+    countdown = get_exponential_backoff_interval(
+        factor=1, retries=attempt, maximum=settings.retry_backoff_max, full_jitter=True
+    )
+    countdown = max(countdown, 0.5)
+    name = TASK_REMOVE if run.request.kind == "single" else TASK_BATCH
+    app.send_task(
+        name,
+        kwargs={"request": run.request.model_dump(mode="json")},
+        task_id=run.request.id,
+        countdown=countdown,
+        queue=settings.queue,
+    )
+    log.info("job %s: transient error, retry %d in %.1f s", run.request.id, attempt, countdown)
+    return countdown
+
+
+class BatchedJobTask(Batches):
+    """celery-batches with time limits, requeue on a lost child, and busy-aware flushing."""
+
+    _inflight = 0
+    _inflight_lock = threading.Lock()
+
+    def _do_flush(self) -> None:
+        # While a batch runs, keep collecting (up to a full batch) instead of queueing
+        # small batches behind it; when idle, flush at once.
+        if self._inflight and self._buffer.qsize() < self.flush_every:
+            return
+        super()._do_flush()
+
+    def _done(self) -> None:
+        with self._inflight_lock:
+            BatchedJobTask._inflight -= 1
+
+    def flush(self, requests: Collection[Any]) -> Any:
+        requests = list(requests)
+        n = len(requests)
+        simple = ([SimpleRequest.from_request(r) for r in requests],)
+        with self._inflight_lock:
+            BatchedJobTask._inflight += 1
+
+        def on_return(_: Any) -> None:
+            self._done()
+            for req in requests:
+                req.acknowledge()
+
+        def on_error(einfo: Any) -> None:
+            self._done()
+            exc = getattr(einfo, "exception", einfo)
+            if isinstance(exc, WorkerLostError):
+                log.warning("worker child lost during %d jobs; requeueing them", n)
+                for req in requests:
+                    req.reject(requeue=True)
+                return
+            if isinstance(exc, TimeLimitExceeded):
+                _fail_timed_out([r.kwargs for r in requests])
+            for req in requests:
+                req.acknowledge()
+
+        return self._pool.apply_async(
+            apply_batches_task,
+            (self, simple, 0, None),
+            callback=on_return,
+            error_callback=on_error,
+            soft_timeout=settings.job_soft_time_limit * n,
+            timeout=settings.job_time_limit * n,
+        )
+
+
+def _fail_timed_out(kwargs_list: list[dict[str, Any]]) -> None:
+    """In the parent, after the hard limit killed the child: fail those jobs ``timeout``."""
+    store = state.store()
+    for kwargs in kwargs_list:
+        request = _parse(kwargs)
+        status = store.get(request.id) if request else None
+        if status is None or status.done:
+            continue
+        err = JobTimeout("the job was killed at its hard time limit")
+        info = ErrorInfo(**err.to_dict())
+        for item in status.items:
+            if item.state != "succeeded":
+                item.state, item.error = "failed", info
+        status.error = info
+        status.state = "failed"
+        status.finished_at = time.time()
+        store.save(status)
+
+
+@app.task(
+    base=BatchedJobTask,
+    name=TASK_REMOVE,
+    bind=True,
+    acks_late=True,
+    flush_every=settings.max_batch,
+    flush_interval=settings.batch_window_ms / 1000.0,
+)
+def remove(self: BatchedJobTask, requests: list[SimpleRequest]) -> int:
+    """Single-image jobs, several at a time: one shared, batched pass."""
+    parsed = [r for r in (_parse(req.kwargs) for req in requests) if r is not None]
+    runner = state.runner()
+    run_jobs(runner, parsed, timeouts=TIMEOUTS, on_retry=_retry)
+    return len(parsed)
+
+
+class BatchJobMessage(Request):
+    """A batch job's delivery; records the job as timed out when the hard limit kills it."""
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        if not soft:
+            _fail_timed_out([self.kwargs])
+
+
+@app.task(
+    name=TASK_BATCH,
+    Request=BatchJobMessage,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def batch(self: Any, request: dict[str, Any]) -> str | None:
+    """A batch job: its inputs run in chunks of ``max_batch``, pipelined with I/O."""
+    parsed = _parse({"request": request})
+    if parsed is None:
+        return None
+    [status] = run_jobs(state.runner(), [parsed], timeouts=TIMEOUTS, on_retry=_retry)
+    return status.state if status else None
