@@ -5,6 +5,21 @@ engine and writes one RGBA PNG per input, named after it. Every failed input get
 reason on stderr while the others still finish; the exit status is 1 if any input failed
 and 2 if nothing could run (bad arguments, no weights).
 
+Job commands talk to the queue (Redis) through ``ben2q.client.Client``::
+
+    ben2q submit INPUT... --output URI [--refine] [--mask] [--format png|webp]
+                 [--wait] [--timeout S] [--json]
+    ben2q status JOB_ID [--json]
+    ben2q wait JOB_ID [--timeout S] [--json]
+    ben2q cancel JOB_ID
+
+One input makes a single job, several one batch job; ``submit`` prints the job id (or the
+record with ``--json``). ``--broker URL`` overrides ``BEN2Q_BROKER_URL``. Exit status: 0 the
+job succeeded (``submit`` without ``--wait``: it was enqueued; ``status``: it has not failed
+so far; ``cancel``: the cancellation was recorded), 1 it failed, partially failed or was
+cancelled (``cancel``: it had already finished), 2 an invalid request, an unknown job or no
+Redis (``error: <code>: <message>`` on stderr), 3 ``--timeout`` ran out while waiting.
+
 Configuration comes from ``BEN2Q_*`` variables through ``Settings``; flags override them.
 """
 
@@ -12,14 +27,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from .config import Settings
 from .errors import BEN2QError
 
+if TYPE_CHECKING:
+    from .client import Client
+    from .jobs import JobStatus
+
 EXIT_OK, EXIT_FAILED_ITEMS, EXIT_UNUSABLE = 0, 1, 2
+EXIT_FAILED, EXIT_TIMEOUT = 1, 3
 
 
 def output_names(inputs: Sequence[str], output_dir: Path) -> list[Path]:
@@ -53,9 +74,7 @@ def _stem(item: str) -> str:
     return safe or "image"
 
 
-def run_remove(
-    inputs: Sequence[str], *, output_dir: Path, refine: bool, settings: Settings
-) -> int:
+def run_remove(inputs: Sequence[str], *, output_dir: Path, refine: bool, settings: Settings) -> int:
     """Remove backgrounds of ``inputs`` into ``output_dir``; returns the exit status."""
     from tqdm import tqdm
 
@@ -125,11 +144,175 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--output-dir", "-o", default="ben2_outputs", type=Path)
     remove.add_argument("--refine", action="store_true", help="refine foreground colours")
     add_engine_options(remove)
+
+    submit = sub.add_parser("submit", help="enqueue a job (several inputs: one batch job)")
+    submit.add_argument("inputs", nargs="+", metavar="INPUT", help="s3://, http(s):// or file://")
+    submit.add_argument("--output", required=True, help="s3://bucket/prefix/ or file:///dir/")
+    submit.add_argument("--refine", action="store_true", help="refine foreground colours")
+    submit.add_argument("--mask", action="store_true", help="also write the grayscale mask")
+    submit.add_argument("--format", default="png", metavar="{png,webp}", help="output format")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    submit.add_argument("--timeout", type=float, help="seconds to wait at most (with --wait)")
+    submit.add_argument("--json", action="store_true", help="print the job record as JSON")
+    status = sub.add_parser("status", help="show a job's record")
+    status.add_argument("job_id", metavar="JOB_ID")
+    status.add_argument("--json", action="store_true", help="print the full record as JSON")
+    wait = sub.add_parser("wait", help="wait for a job to finish, with a progress bar")
+    wait.add_argument("job_id", metavar="JOB_ID")
+    wait.add_argument("--timeout", type=float, help="seconds to wait at most")
+    wait.add_argument("--json", action="store_true", help="print the final record as JSON")
+    cancel = sub.add_parser("cancel", help="cancel a queued job or stop a running one")
+    cancel.add_argument("job_id", metavar="JOB_ID")
+    for command in (submit, status, wait, cancel):
+        command.add_argument("--broker", metavar="URL", help="Redis URL (BEN2Q_BROKER_URL)")
+
+    worker = sub.add_parser(
+        "worker",
+        help="run a worker (other options pass through to `celery worker`)",
+        description="Run a ben2q worker; unknown options (--hostname, --loglevel...) go to "
+        "`celery worker`.",
+    )
+    pin = worker.add_mutually_exclusive_group()
+    pin.add_argument("--gpu", type=int, metavar="N", help="pin this worker to GPU N")
+    pin.add_argument("--gpus", metavar="all|0,1", help="supervise one worker per GPU")
+    worker.add_argument("--queues", "-Q", help="queues to consume (default BEN2Q_QUEUE)")
+    up = sub.add_parser("up", help="run Redis and a worker on this machine with file:// storage")
+    up.add_argument("--root", type=Path, default=Path("."), help="local root (default .)")
+    up.add_argument("--port", type=int, default=0, help="Redis port (default: a free one)")
     return parser
 
 
+# --- job commands ----------------------------------------------------------------------
+
+
+def format_status(status: JobStatus) -> str:
+    """A short human summary: state, progress, each item's output or error."""
+    lines = [f"{status.id}  {status.kind}  {status.state}  {status.progress:.0%}"]
+    if status.error is not None:
+        lines.append(f"  error: {status.error.code}: {status.error.message}")
+    for item in status.items:
+        if item.error is not None:
+            detail = f"{item.error.code}: {item.error.message}"
+        else:
+            detail = item.output or item.input
+        lines.append(f"  [{item.index}] {item.state:<9} {detail}")
+    return "\n".join(lines)
+
+
+def _print_status(status: JobStatus, as_json: bool) -> None:
+    print(status.model_dump_json() if as_json else format_status(status))
+
+
+def _final_exit(status: JobStatus) -> int:
+    return EXIT_OK if status.state == "succeeded" else EXIT_FAILED
+
+
+def follow(client: Client, job_id: str, timeout: float | None) -> JobStatus:
+    """Wait for the job's terminal record, drawing a progress bar on stderr."""
+    from tqdm import tqdm
+
+    bar = None
+    last = None
+    try:
+        for last in client.events(job_id, timeout=timeout):
+            if bar is None:
+                total = len(last.items)
+                bar = tqdm(total=total, unit="img", desc=job_id[:8], file=sys.stderr)
+            bar.n = round(last.progress * bar.total)
+            bar.set_postfix_str(last.state)  # also refreshes
+    finally:
+        if bar is not None:
+            bar.close()
+    assert last is not None
+    return last
+
+
+def run_submit(client: Client, args: argparse.Namespace) -> int:
+    options = {"refine": args.refine, "format": args.format, "mask": args.mask}
+    if len(args.inputs) == 1:
+        job = client.submit(args.inputs[0], args.output, **options)
+    else:
+        job = client.submit_batch(args.inputs, args.output, **options)
+    if not args.wait:
+        print(client.get(job).model_dump_json() if args.json else job.id)
+        return EXIT_OK
+    print(job.id, file=sys.stderr)
+    final = follow(client, job.id, args.timeout)
+    _print_status(final, args.json)
+    return _final_exit(final)
+
+
+def run_status(client: Client, args: argparse.Namespace) -> int:
+    status = client.get(args.job_id)
+    _print_status(status, args.json)
+    return EXIT_FAILED if status.done and status.state != "succeeded" else EXIT_OK
+
+
+def run_wait(client: Client, args: argparse.Namespace) -> int:
+    final = follow(client, args.job_id, args.timeout)
+    _print_status(final, args.json)
+    return _final_exit(final)
+
+
+def run_cancel(client: Client, args: argparse.Namespace) -> int:
+    status = client.cancel(args.job_id)
+    if status.state == "cancelled":
+        print(f"{status.id}: cancelled")
+        return EXIT_OK
+    if not status.done:
+        print(f"{status.id}: cancel requested; the {status.state} job stops at its next item")
+        return EXIT_OK
+    print(f"{status.id}: already {status.state}, not cancelled")
+    return EXIT_FAILED
+
+
+JOB_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
+    "submit": run_submit,
+    "status": run_status,
+    "wait": run_wait,
+    "cancel": run_cancel,
+}
+
+
+def run_job_command(args: argparse.Namespace) -> int:
+    """Run a job subcommand; every expected failure becomes one line and an exit status."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from .client import Client
+
+    try:
+        client = Client(args.broker, settings=Settings())
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    try:
+        with client:
+            return JOB_COMMANDS[args.command](client, args)
+    except BEN2QError as exc:  # InvalidRequest, NotFound
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except (RedisConnectionError, RedisTimeoutError, OperationalError) as exc:
+        print(f"error: internal: cannot reach Redis: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except TimeoutError as exc:  # the builtin one, from --timeout
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if args.command in ("worker", "up"):
+        from . import serve
+
+        if args.command == "up":
+            return serve.run_up(root=args.root, port=args.port, passthrough=extra)
+        if args.gpus:
+            return serve.run_gpus(args.gpus, extra, queues=args.queues)
+        return serve.run_worker(extra, queues=args.queues, gpu=args.gpu)
+    if extra:
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "remove":
         try:
             settings = _settings(args)
@@ -139,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_remove(
             args.images, output_dir=args.output_dir, refine=args.refine, settings=settings
         )
+    if args.command in JOB_COMMANDS:
+        return run_job_command(args)
     raise AssertionError(args.command)
 
 

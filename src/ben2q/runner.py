@@ -61,7 +61,8 @@ def encode_output(prediction: Prediction, fmt: str) -> bytes:
     buf = io.BytesIO()
     image = prediction.to_image()
     if fmt == "webp":
-        image.save(buf, format="WEBP", lossless=True, quality=50, method=2)
+        # exact: keep the colours under transparent pixels (libwebp would drop them)
+        image.save(buf, format="WEBP", lossless=True, exact=True, quality=50, method=2)
     else:
         image.save(buf, format="PNG", compress_level=3)
     return buf.getvalue()

@@ -1,0 +1,409 @@
+"""Job records and their events in Redis, for producers, workers and watchers.
+
+Layout (``Keys``)::
+
+    ben2q:job:{id}       the JobStatus JSON, SET ... EX status_ttl (refreshed on every save)
+    ben2q:events:{id}    pub/sub channel: the same JSON is PUBLISHed on every save
+    ben2q:cancel:{id}    "1" once a cancel was requested, EX status_ttl
+
+``StatusStore`` (sync, ``redis``) and ``AsyncStatusStore`` (``redis.asyncio``) have the
+same methods and do only I/O; key naming, (de)serialization, the cancel transition and
+the event-stream logic (what to yield, when to re-read, when to give up) live in the
+I/O-free ``Keys``, ``encode``/``decode``, ``cancelled`` and ``EventStream``.
+
+Both clients retry commands on connection errors with a backoff (about 10 s in all), so a
+worker or producer survives a Redis restart without being re-created; an event stream
+also re-reads the record every second, so an update published while its subscription was
+reconnecting is not lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import WatchError
+from redis.retry import Retry
+
+from .errors import NotFound
+from .jobs import TERMINAL_STATES, JobStatus
+
+__all__ = [
+    "Keys",
+    "KEYS",
+    "encode",
+    "decode",
+    "cancelled",
+    "EventStream",
+    "StatusStore",
+    "AsyncStatusStore",
+]
+
+POLL_INTERVAL = 1.0
+"""Seconds between re-reads of the record while an event stream waits."""
+SUBSCRIBE_TIMEOUT = 10.0
+"""Seconds to wait for Redis to confirm a subscription."""
+
+
+# --- the I/O-free part -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Redis key names of one deployment (all under ``prefix``)."""
+
+    prefix: str = "ben2q"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:events:{job_id}"
+
+    def cancel(self, job_id: str) -> str:
+        return f"{self.prefix}:cancel:{job_id}"
+
+
+KEYS = Keys()
+
+
+def encode(status: JobStatus) -> str:
+    """The JSON stored in the record and published on the channel."""
+    return status.model_dump_json()
+
+
+def decode(raw: bytes | str) -> JobStatus:
+    return JobStatus.model_validate_json(raw)
+
+
+def cancelled(status: JobStatus, now: float | None = None) -> JobStatus | None:
+    """The record after a cancel request, or None if only the flag changes.
+
+    Only a ``queued`` job is cancelled at once (nobody is working on it); a running job
+    sees the flag and stops itself; a finished job stays as it is.
+    """
+    if status.state != "queued":
+        return None
+    new = status.model_copy(deep=True)
+    new.state = "cancelled"
+    new.finished_at = time.time() if now is None else now
+    for item in new.items:
+        if item.state in ("pending", "running"):
+            item.state = "cancelled"
+    return new
+
+
+def _order(status: JobStatus) -> tuple[int, int, int, float]:
+    """Sort key of updates: a stale message never moves a stream backwards."""
+    rank = {"queued": 0, "running": 1}.get(status.state, 2)
+    return (rank == 2, status.attempts, rank, status.progress)
+
+
+class EventStream:
+    """The logic of ``events()``: which records to yield, when to re-read, when to stop.
+
+    Feed it every record seen (the first read, each published message, each re-read);
+    ``offer`` says whether to yield it. It never yields the same (state, progress,
+    finished_at) twice in a row, nor an update older than the last one yielded (a message
+    published before the first read), and it is ``done`` after a terminal state.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        timeout: float | None,
+        *,
+        poll_interval: float = POLL_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job_id = job_id
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.deadline = None if timeout is None else clock() + timeout
+        self.timeout = timeout
+        self.done = False
+        self._last: JobStatus | None = None
+        self._last_read = clock()
+
+    def offer(self, status: JobStatus | None) -> JobStatus | None:
+        """The record to yield, or None; ``NotFound`` if the record is gone."""
+        if status is None:
+            raise NotFound(f"no job {self.job_id!r} (unknown or expired)")
+        if self.done:
+            return None
+        last = self._last
+        if last is not None:
+            same = (status.state, status.progress, status.finished_at) == (
+                last.state,
+                last.progress,
+                last.finished_at,
+            )
+            if same or _order(status) < _order(last):
+                return None
+        self._last = status
+        self.done = status.state in TERMINAL_STATES
+        return status
+
+    def read(self) -> None:
+        """Note that the record was just (re-)read."""
+        self._last_read = self.clock()
+
+    def poll_due(self) -> bool:
+        return self.clock() - self._last_read >= self.poll_interval
+
+    def wait_time(self) -> float:
+        """How long to block for a message now; ``TimeoutError`` once the deadline passed."""
+        now = self.clock()
+        wait = max(0.0, self._last_read + self.poll_interval - now)
+        if self.deadline is not None:
+            left = self.deadline - now
+            if left <= 0:
+                state = self._last.state if self._last else "unknown"
+                raise TimeoutError(f"job {self.job_id} still {state} after {self.timeout:g} s")
+            wait = min(wait, left)
+        return wait
+
+    @staticmethod
+    def message(msg: dict[str, Any] | None) -> JobStatus | None:
+        """The record carried by a pub/sub message, if it is one."""
+        if msg is None or msg.get("type") != "message":
+            return None
+        return decode(msg["data"])
+
+
+_REDIS_OPTIONS: dict[str, Any] = {
+    "health_check_interval": 15,  # PING an idle connection before using it
+    "socket_connect_timeout": 5,
+    "socket_timeout": 10,
+    "socket_keepalive": True,
+}
+
+
+def _backoff() -> EqualJitterBackoff:
+    """Between retries of a command on ConnectionError/TimeoutError: 0.1 s doubling to 2 s;
+    the default 10 retries wait about 10 s in all, enough for a Redis restart."""
+    return EqualJitterBackoff(cap=2.0, base=0.1)
+
+
+_CREATE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('PUBLISH', KEYS[2], ARGV[1])
+  return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+"""
+"""SET NX + PUBLISH only if created. Finding the very same JSON counts as created: that is
+a retry (after a lost reply) of a create that had in fact succeeded, not a duplicate id."""
+
+
+# --- sync ------------------------------------------------------------------------------
+
+
+class StatusStore:
+    """Job records and events on a Redis server (sync; workers, the CLI, ``Client``)."""
+
+    def __init__(self, redis_url: str, *, ttl: int, keys: Keys = KEYS, retries: int = 10) -> None:
+        self.ttl = ttl
+        self.keys = keys
+        retry = Retry(_backoff(), retries)
+        self.redis: redis.Redis = redis.Redis.from_url(redis_url, retry=retry, **_REDIS_OPTIONS)
+        self._create = self.redis.register_script(_CREATE)
+
+    def create(self, status: JobStatus) -> None:
+        """Store and publish a new record (SET NX); ``ValueError`` if the job id exists."""
+        keys = [self.keys.job(status.id), self.keys.events(status.id)]
+        if not self._create(keys=keys, args=[encode(status), self.ttl]):
+            raise ValueError(f"job {status.id!r} exists already")
+
+    def get(self, job_id: str) -> JobStatus | None:
+        raw = self.redis.get(self.keys.job(job_id))
+        return None if raw is None else decode(raw)
+
+    def save(self, status: JobStatus) -> None:
+        """Write the record (refreshing its TTL) and publish it, in one transaction."""
+        data = encode(status)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.job(status.id), data, ex=self.ttl)
+            pipe.publish(self.keys.events(status.id), data)
+            pipe.execute()
+
+    def request_cancel(self, job_id: str) -> JobStatus:
+        """Flag the job for cancellation; a queued job is cancelled at once (atomically)."""
+        key = self.keys.job(job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise NotFound(f"no job {job_id!r} (unknown or expired)")
+                    status = decode(raw)
+                    if status.done:
+                        pipe.unwatch()
+                        return status
+                    new = cancelled(status)
+                    pipe.multi()
+                    pipe.set(self.keys.cancel(job_id), "1", ex=self.ttl)
+                    if new is not None:
+                        data = encode(new)
+                        pipe.set(key, data, ex=self.ttl)
+                        pipe.publish(self.keys.events(job_id), data)
+                    pipe.execute()
+                    return new or status
+                except WatchError:  # the record changed meanwhile: look again
+                    continue
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.keys.cancel(job_id)))
+
+    def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobStatus]:
+        """The current record, then each update, until a terminal state.
+
+        ``NotFound`` for an unknown job; ``TimeoutError`` if it is not finished in time.
+        """
+        stream = EventStream(job_id, timeout)
+        pubsub = self.redis.pubsub()
+        try:
+            channel = self.keys.events(job_id)
+            pubsub.subscribe(channel)
+            deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
+            while True:  # the subscription must be live before the first read
+                msg = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                if msg is not None and msg["type"] == "subscribe":
+                    break
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"Redis did not confirm the subscription to {channel}")
+            stream.read()
+            first = stream.offer(self.get(job_id))
+            if first is not None:
+                yield first
+            while not stream.done:
+                msg = pubsub.get_message(ignore_subscribe_messages=True, timeout=stream.wait_time())
+                status = stream.message(msg)
+                if status is None and stream.poll_due():
+                    stream.read()
+                    status = self.get(job_id)
+                    if status is None:
+                        stream.offer(None)  # raises NotFound: the record expired
+                if status is not None and (update := stream.offer(status)) is not None:
+                    yield update
+        finally:
+            pubsub.close()
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> StatusStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- async -----------------------------------------------------------------------------
+
+
+class AsyncStatusStore:
+    """``StatusStore`` on ``redis.asyncio``: the same methods, awaited; ``aclose``."""
+
+    def __init__(self, redis_url: str, *, ttl: int, keys: Keys = KEYS, retries: int = 10) -> None:
+        self.ttl = ttl
+        self.keys = keys
+        retry = AsyncRetry(_backoff(), retries)
+        self.redis: aredis.Redis = aredis.Redis.from_url(redis_url, retry=retry, **_REDIS_OPTIONS)
+        self._create = self.redis.register_script(_CREATE)
+
+    async def create(self, status: JobStatus) -> None:
+        keys = [self.keys.job(status.id), self.keys.events(status.id)]
+        if not await self._create(keys=keys, args=[encode(status), self.ttl]):
+            raise ValueError(f"job {status.id!r} exists already")
+
+    async def get(self, job_id: str) -> JobStatus | None:
+        raw = await self.redis.get(self.keys.job(job_id))
+        return None if raw is None else decode(raw)
+
+    async def save(self, status: JobStatus) -> None:
+        data = encode(status)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.job(status.id), data, ex=self.ttl)
+            pipe.publish(self.keys.events(status.id), data)
+            await pipe.execute()
+
+    async def request_cancel(self, job_id: str) -> JobStatus:
+        key = self.keys.job(job_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        raise NotFound(f"no job {job_id!r} (unknown or expired)")
+                    status = decode(raw)
+                    if status.done:
+                        await pipe.unwatch()
+                        return status
+                    new = cancelled(status)
+                    pipe.multi()
+                    pipe.set(self.keys.cancel(job_id), "1", ex=self.ttl)
+                    if new is not None:
+                        data = encode(new)
+                        pipe.set(key, data, ex=self.ttl)
+                        pipe.publish(self.keys.events(job_id), data)
+                    await pipe.execute()
+                    return new or status
+                except WatchError:
+                    continue
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.cancel(job_id)))
+
+    async def events(
+        self, job_id: str, *, timeout: float | None = None
+    ) -> AsyncGenerator[JobStatus, None]:
+        """Async iterator of ``StatusStore.events``."""
+        stream = EventStream(job_id, timeout)
+        pubsub = self.redis.pubsub()
+        try:
+            channel = self.keys.events(job_id)
+            await pubsub.subscribe(channel)
+            deadline = time.monotonic() + SUBSCRIBE_TIMEOUT
+            while True:
+                msg = await pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                if msg is not None and msg["type"] == "subscribe":
+                    break
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"Redis did not confirm the subscription to {channel}")
+            stream.read()
+            first = stream.offer(await self.get(job_id))
+            if first is not None:
+                yield first
+            while not stream.done:
+                msg = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=stream.wait_time()
+                )
+                status = stream.message(msg)
+                if status is None and stream.poll_due():
+                    stream.read()
+                    status = await self.get(job_id)
+                    if status is None:
+                        stream.offer(None)
+                if status is not None and (update := stream.offer(status)) is not None:
+                    yield update
+        finally:
+            await pubsub.aclose()
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncStatusStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

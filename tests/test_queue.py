@@ -1,0 +1,352 @@
+"""The job service end to end: real redis-server, real S3 server (moto), real Celery workers.
+
+One worker process (tiny network, deterministic weights) serves the module; producers use
+``ben2q.client``. Outputs are read back from S3 and compared with the engine run directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ben2q.client import AsyncClient, Client
+from ben2q.config import Settings
+from ben2q.engine import Engine
+from ben2q.errors import InvalidRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+class Worker:
+    """A real ``ben2q worker`` process (Celery prefork, one child) with its log."""
+
+    def __init__(self, env: dict[str, str], log: Path, name: str = "w1") -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ben2q.cli",
+                "worker",
+                "--hostname",
+                f"{name}@%h",
+                "--loglevel",
+                "INFO",
+            ],
+            env=env,
+            stdout=open(log, "ab"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.log.read_text()[-3000:]}")
+            text = self.log.read_text(errors="replace")
+            if " ready." in text and "BEN2 tiny ready" in text:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not ready: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, s3_server, tmp_path_factory):
+    """Environment and settings of a running worker; buckets ``inputs`` and ``outputs``."""
+    from servers import S3_ENV
+
+    root = tmp_path_factory.mktemp("local-root")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEN2Q_")}
+    env.update(S3_ENV)
+    env.update(
+        {
+            "BEN2Q_BROKER_URL": redis_server.url,
+            "BEN2Q_S3_ENDPOINT_URL": s3_server.url,
+            "BEN2Q_MODEL_SPEC": "tiny",
+            "BEN2Q_DEVICE": "cpu",
+            "BEN2Q_ALLOW_PRIVATE_URLS": "true",
+            "BEN2Q_LOCAL_ROOT": str(root),
+            "BEN2Q_MAX_IMAGE_PIXELS": "4000000",
+        }
+    )
+    s3 = s3_server.client()
+    for bucket in ("inputs", "outputs"):
+        s3.create_bucket(Bucket=bucket)
+    worker = Worker(env, tmp_path_factory.mktemp("logs") / "worker.log")
+    settings = Settings(
+        **{k.removeprefix("BEN2Q_").lower(): v for k, v in env.items() if k.startswith("BEN2Q_")}
+    )
+    old = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    yield {"env": env, "settings": settings, "s3": s3, "worker": worker, "root": root}
+    worker.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.load(settings=Settings(model_spec="tiny", device="cpu"))
+
+
+@pytest.fixture()
+def client(stack):
+    with Client(settings=stack["settings"]) as c:
+        yield c
+
+
+def put(stack, key: str, data: bytes) -> str:
+    stack["s3"].put_object(Bucket="inputs", Key=key, Body=data)
+    return f"s3://inputs/{key}"
+
+
+def read_output(stack, uri: str) -> Image.Image:
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    img = Image.open(io.BytesIO(stack["s3"].get_object(Bucket=bucket, Key=key)["Body"].read()))
+    img.load()
+    return img
+
+
+def assert_alpha_matches_engine(out: Image.Image, src: Image.Image, engine: Engine) -> None:
+    assert out.mode == "RGBA" and out.size == src.size
+    expected = engine.predict([src])[0].alpha
+    diff = np.abs(np.asarray(out)[..., 3].astype(int) - expected.astype(int))
+    assert diff.max() <= 1
+    assert np.array_equal(np.asarray(out)[..., :3], np.asarray(src))
+
+
+def test_single_job_from_s3_to_rgba_in_s3(stack, client, engine, make_image):
+    src = make_image(130, 90, seed=11)
+    uri = put(stack, "single/cat photo.png", png_bytes(src))
+    job = client.submit(uri, output="s3://outputs/run1/")
+    status = client.wait(job.id, timeout=60)
+    assert status.state == "succeeded" and status.progress == 1.0
+    [item] = status.items
+    assert item.output == f"s3://outputs/run1/{job.id}/0000-cat_photo.png"
+    assert (item.width, item.height) == (130, 90)
+    assert status.worker.startswith("w1@") and status.attempts == 1
+    assert status.queue_wait_ms is not None and status.run_ms is not None
+    head = stack["s3"].head_object(Bucket="outputs", Key=item.output.split("/", 3)[3])
+    assert head["ContentType"] == "image/png" and head["Metadata"]["job-id"] == job.id
+    assert_alpha_matches_engine(read_output(stack, item.output), src, engine)
+
+
+def test_batch_job_with_masks_and_webp(stack, client, engine, make_image):
+    images = [make_image(60 + 7 * i, 50, seed=20 + i) for i in range(5)]
+    # two inputs with the same file name must not collide
+    uris = [
+        put(stack, f"batch/{'a' if i % 2 else 'b'}/same.png", png_bytes(img))
+        for i, img in enumerate(images)
+    ]
+    uris[1] = put(stack, "batch/a/same.png", png_bytes(images[1]))
+    job = client.submit_batch(uris, output="s3://outputs/run2", format="webp", mask=True)
+    status = client.wait(job, timeout=60)
+    assert status.state == "succeeded" and status.kind == "batch"
+    outputs = [item.output for item in status.items]
+    assert len(set(outputs)) == 5 and all(o.endswith(".webp") for o in outputs)
+    for item in status.items:
+        src = Image.open(
+            io.BytesIO(
+                stack["s3"]
+                .get_object(Bucket="inputs", Key=item.input.removeprefix("s3://inputs/"))["Body"]
+                .read()
+            )
+        ).convert("RGB")
+        out = read_output(stack, item.output)
+        assert out.format == "WEBP"
+        assert_alpha_matches_engine(out, src, engine)
+        mask = read_output(stack, item.mask)
+        assert mask.mode == "L" and np.array_equal(np.asarray(mask), np.asarray(out)[..., 3])
+
+
+def test_a_bad_item_fails_alone(stack, client, make_image):
+    good = put(stack, "partial/good.png", png_bytes(make_image(40, 40)))
+    bad = put(stack, "partial/bad.png", b"definitely not an image")
+    job = client.submit_batch(
+        [good, bad, "s3://inputs/partial/missing.png"], output="s3://outputs/run3/"
+    )
+    status = client.wait(job, timeout=60)
+    assert status.state == "partial"
+    codes = [item.error.code if item.error else None for item in status.items]
+    assert codes == [None, "invalid_image", "not_found"]
+    assert status.items[0].state == "succeeded"
+    assert read_output(stack, status.items[0].output).mode == "RGBA"
+    assert status.items[1].output is None
+    # the worker survived and serves the next job
+    again = client.wait(client.submit(good, output="s3://outputs/run3b/"), timeout=60)
+    assert again.state == "succeeded"
+    assert stack["worker"].proc.poll() is None
+
+
+class _ImageHandler(BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_url_input_from_a_loopback_server(stack, client, engine, make_image):
+    src = make_image(70, 55, seed=31)
+    _ImageHandler.body = png_bytes(src)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shop/item.png?size=large"
+        status = client.wait(client.submit(url, output="s3://outputs/run4/"), timeout=60)
+    finally:
+        server.shutdown()
+    assert status.state == "succeeded", status
+    assert status.items[0].output.endswith("/0000-item.png")
+    assert_alpha_matches_engine(read_output(stack, status.items[0].output), src, engine)
+
+
+def test_several_single_jobs_share_a_forward_pass(stack, client, make_image):
+    uris = [
+        put(stack, f"many/{i}.png", png_bytes(make_image(50, 50, seed=40 + i))) for i in range(4)
+    ]
+    jobs = [client.submit(u, output="s3://outputs/run5/") for u in uris]
+    statuses = [client.wait(j, timeout=60) for j in jobs]
+    assert all(s.state == "succeeded" for s in statuses)
+    # jobs batched together start together (one flush) and finish together
+    finished = sorted(s.finished_at for s in statuses)
+    assert finished[-1] - finished[0] < 0.5
+
+
+def test_cancel_a_running_batch(stack, client, make_image):
+    uris = [
+        put(stack, f"cancel/{i}.png", png_bytes(make_image(300, 300, seed=i))) for i in range(40)
+    ]
+    job = client.submit_batch(uris, output="s3://outputs/run6/")
+    for status in client.events(job, timeout=60):
+        if status.state == "running" and status.progress > 0:
+            break
+    client.cancel(job)
+    final = client.wait(job, timeout=60)
+    assert final.state == "cancelled"
+    states = [item.state for item in final.items]
+    assert "cancelled" in states and states.count("succeeded") < 40
+    for item in final.items:  # what was done is really there
+        if item.state == "succeeded":
+            assert read_output(stack, item.output).mode == "RGBA"
+
+
+def test_file_inputs_and_outputs_inside_the_local_root(stack, client, make_image):
+    root: Path = stack["root"]
+    src = make_image(45, 35, seed=51)
+    (root / "in").mkdir()
+    src.save(root / "in" / "local.png")
+    job = client.submit(f"file://{root}/in/local.png", output=f"file://{root}/out/")
+    status = client.wait(job, timeout=60)
+    assert status.state == "succeeded"
+    path = root / "out" / job.id / "0000-local.png"
+    assert status.items[0].output == f"file://{path}"
+    assert Image.open(path).size == (45, 35)
+    with pytest.raises(InvalidRequest) as info:
+        client.submit(f"file://{root}/../etc/passwd", output=f"file://{root}/out/")
+    assert info.value.field == "input"
+
+
+def test_async_client_mirrors_the_sync_one(stack, make_image):
+    uri = put(stack, "async/x.png", png_bytes(make_image(33, 44, seed=61)))
+
+    async def main():
+        async with AsyncClient(settings=stack["settings"]) as ac:
+            job = await ac.submit(uri, output="s3://outputs/run7/")
+            seen = [s.state async for s in ac.events(job, timeout=60)]
+            final = await ac.get(job)
+            with pytest.raises(InvalidRequest):
+                await ac.submit_batch([], output="s3://outputs/")
+            return seen, final
+
+    seen, final = asyncio.run(main())
+    assert seen[-1] == "succeeded" and final.state == "succeeded"
+    assert read_output(stack, final.items[0].output).size == (33, 44)
+
+
+def test_cli_submit_wait_and_status(stack, make_image):
+    uri = put(stack, "cli/y.png", png_bytes(make_image(41, 29, seed=71)))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ben2q.cli",
+            "submit",
+            uri,
+            "--output",
+            "s3://outputs/run8/",
+            "--wait",
+            "--json",
+        ],
+        env=stack["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["state"] == "succeeded"
+    assert read_output(stack, status["items"][0]["output"]).size == (41, 29)
+    again = subprocess.run(
+        [sys.executable, "-m", "ben2q.cli", "status", status["id"]],
+        env=stack["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0 and "succeeded" in again.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ben2q.cli",
+            "submit",
+            "s3://inputs/cli/missing.png",
+            "--output",
+            "s3://outputs/run8/",
+            "--wait",
+        ],
+        env=stack["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1
