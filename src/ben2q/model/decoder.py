@@ -187,9 +187,7 @@ class MCRM(nn.Module):
         ).unflatten(0, (4, b))  # (4, B, N, C)
 
         tokens = to_tokens(loc)  # (4, B, h*w, C)
-        attended = torch.stack(
-            [self.attention[i](tokens[i], pools[i], pools[i]) for i in range(4)]
-        )
+        attended = torch.stack([self.attention[i](tokens[i], pools[i], pools[i]) for i in range(4)])
         tokens = self.norm1(tokens + attended)
         tokens = self.norm2(tokens + _ffn(tokens, self.linear3, self.linear4))
         loc = tokens.transpose(2, 3).reshape(4, b, c, h, w)
