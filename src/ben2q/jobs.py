@@ -80,6 +80,8 @@ class ItemStatus(BaseModel):
     height: int | None = None
     error: ErrorInfo | None = None
     duration_ms: float | None = None
+    batch_size: int | None = None
+    """Images in the forward pass that ran this item (items of other jobs included)."""
 
 
 class JobStatus(BaseModel):

@@ -199,6 +199,8 @@ class JobRunner:
                 if img is not None and not item.run.cancelled
             ]
             if ready:
+                for item, _ in ready:
+                    item.run.status.items[item.index].batch_size = len(ready)
                 preds = self.engine.predict(
                     [img for _, img in ready],
                     refine=[item.run.request.options.refine for item, _ in ready],

@@ -33,14 +33,21 @@ def worker_argv(passthrough: Sequence[str], *, queues: str | None, gpu: int | No
     if not _has_option(passthrough, "--hostname", "-n"):
         name = f"gpu{gpu}" if gpu is not None else "ben2q"
         argv.append(f"--hostname={name}@%h")
+    if not _has_option(passthrough, "--loglevel", "-l"):
+        argv.append("--loglevel=INFO")
     return argv + list(passthrough)
+
+
+def pin_gpu(gpu: int, environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
+    """Make GPU ``gpu`` the only one this process sees (before CUDA is initialised)."""
+    environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    environ.setdefault("BEN2Q_DEVICE", "cuda:0")
 
 
 def run_worker(passthrough: Sequence[str], *, queues: str | None, gpu: int | None) -> int:
     """Run one worker in this process (returns when it stops)."""
     if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        os.environ.setdefault("BEN2Q_DEVICE", "cuda:0")
+        pin_gpu(gpu)
     get_settings.cache_clear()
     from .worker import app  # after the environment is final: the app reads Settings
 
