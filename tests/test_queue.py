@@ -396,3 +396,49 @@ def test_plain_celery_command_runs_jobs(stack, make_image, tmp_path):
         assert status.state == "succeeded" and status.worker.startswith("plain@")
     finally:
         worker.stop()
+
+
+class _FlakyHandler(BaseHTTPRequestHandler):
+    """Answers 503 to the first ``failures`` requests of a path, then the image."""
+
+    body = b""
+    failures = 2
+    seen: dict[str, int] = {}
+
+    def do_GET(self):  # noqa: N802
+        n = self.seen[self.path] = self.seen.get(self.path, 0) + 1
+        if self.path.startswith("/gone"):
+            self.send_response(404)
+            self.end_headers()
+            return
+        if n <= self.failures:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_transient_errors_are_retried_with_backoff_permanent_ones_not(stack, client, make_image):
+    _FlakyHandler.body = png_bytes(make_image(30, 30, seed=81))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        flaky = client.wait(client.submit(f"{base}/flaky.png", output="s3://outputs/r9/"),
+                            timeout=90)
+        gone = client.wait(client.submit(f"{base}/gone.png", output="s3://outputs/r9/"),
+                           timeout=60)
+    finally:
+        server.shutdown()
+    assert flaky.state == "succeeded" and flaky.attempts == 3  # 503, 503, then the image
+    assert _FlakyHandler.seen["/flaky.png"] == 3
+    assert gone.state == "failed" and gone.attempts == 1
+    assert gone.items[0].error.code == "fetch_failed"
+    assert _FlakyHandler.seen["/gone.png"] == 1

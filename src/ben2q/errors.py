@@ -95,9 +95,17 @@ class ForbiddenURL(FetchError):
 
 
 class FetchFailed(FetchError):
-    """The fetch failed: network error, HTTP error status, body too slow."""
+    """The fetch failed: network error, HTTP error status, body too slow.
+
+    ``transient`` is true where trying again later may succeed (connection errors, HTTP 5xx,
+    408, 429); the job service retries those with backoff.
+    """
 
     code = "fetch_failed"
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class WeightsUnavailable(BEN2QError):

@@ -280,10 +280,13 @@ def fetch_bytes(
     except httpx.TimeoutException as exc:
         raise FetchFailed(f"fetch of {current} exceeded the time limit ({exc})") from exc
     except httpx.HTTPError as exc:
-        raise FetchFailed(f"fetch of {current} failed: {exc}") from exc
+        raise FetchFailed(f"fetch of {current} failed: {exc}", transient=True) from exc
     except httpx.InvalidURL as exc:
         raise ForbiddenURL(f"malformed URL: {exc}") from exc
     raise FetchFailed(f"too many redirects (more than {settings.fetch_max_redirects})")
+
+
+_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def _fetch_hop(
@@ -321,7 +324,9 @@ def _fetch_pinned(target: _Target, ip: str, settings: Settings, deadline: float)
             if status in _REDIRECT_STATUSES and "location" in response.headers:
                 return response.headers["location"]
             if not 200 <= status < 300:
-                raise FetchFailed(f"HTTP {status} from {target.url}")
+                raise FetchFailed(
+                    f"HTTP {status} from {target.url}", transient=status in _TRANSIENT_STATUSES
+                )
             return _read_body(response, settings, deadline)
         finally:
             response.close()

@@ -6,7 +6,8 @@ current chunk is in the model, and outputs upload while the next chunk is in the
 Items of different jobs share forward passes (cross-job batching).
 
 Failures are per item. A permanent failure (bad image, missing input, forbidden URL) fails
-that item with its code. A transient one (storage unreachable) leaves the item pending and
+that item with its code. A transient one (storage unreachable, a URL answering 5xx or not
+connecting) leaves the item pending and
 the job ``needs_retry``; the task layer schedules a retry with backoff, and items already
 done are not done again (their outputs sit at deterministic keys).
 """
@@ -270,7 +271,7 @@ class JobRunner:
 
     def _item_error(self, item: _Item, exc: BEN2QError) -> None:
         record = item.run.status.items[item.index]
-        if isinstance(exc, StorageError):
+        if isinstance(exc, StorageError) or getattr(exc, "transient", False):
             item.run.transient.append(exc)
             record.state = "pending"
             return
