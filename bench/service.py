@@ -1,7 +1,7 @@
 """Queue benchmark: end-to-end latency and one worker's throughput, against the engine alone.
 
-    .venv/bin/python bench/queue.py                  # tiny spec, 200 jobs
-    .venv/bin/python bench/queue.py --jobs 50 --latency-jobs 10
+    .venv/bin/python bench/service.py                  # tiny spec, 200 jobs
+    .venv/bin/python bench/service.py --jobs 50 --latency-jobs 10
 
 Starts its own redis-server and S3 server (moto) on loopback and real ``ben2q worker``
 processes (tiny spec, CPU). Reports, in one run:
