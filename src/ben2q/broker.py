@@ -14,6 +14,8 @@ TASK_REMOVE = "ben2q.remove"
 """One image; several pending ones are run as one batched forward by the worker."""
 TASK_BATCH = "ben2q.batch"
 """A batch job: many inputs under one job id."""
+TASK_WEBHOOK = "ben2q.webhook"
+"""One delivery attempt of a signed webhook event (its own queue)."""
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

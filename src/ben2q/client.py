@@ -72,19 +72,14 @@ class BaseClient:
         kind: JobKind,
         inputs: Sequence[str],
         output: str,
-        *,
-        refine: object,
-        format: object,
-        mask: object,
+        **options: Any,
     ) -> JobRequest:
         local_root = self.settings.local_root
         return make_request(
             kind,
             inputs,
             output,
-            refine=refine,
-            format=format,
-            mask=mask,
+            **options,
             max_items=self.settings.max_batch_items,
             local_root=None if local_root is None else str(local_root),
         )
@@ -167,9 +162,20 @@ class Client(BaseClient):
         refine: bool = False,
         format: str = "png",
         mask: bool = False,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[str] = ("final",),
     ) -> Job:
         """Enqueue one image; its result goes under ``output`` (``s3://`` or ``file://``)."""
-        request = self._request("single", [input], output, refine=refine, format=format, mask=mask)
+        request = self._request(
+            "single",
+            [input],
+            output,
+            refine=refine,
+            format=format,
+            mask=mask,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+        )
         return self._enqueue(request)
 
     def submit_batch(
@@ -180,9 +186,20 @@ class Client(BaseClient):
         refine: bool = False,
         format: str = "png",
         mask: bool = False,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[str] = ("final",),
     ) -> Job:
         """Enqueue many images as one job (at most ``settings.max_batch_items``)."""
-        request = self._request("batch", inputs, output, refine=refine, format=format, mask=mask)
+        request = self._request(
+            "batch",
+            inputs,
+            output,
+            refine=refine,
+            format=format,
+            mask=mask,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+        )
         return self._enqueue(request)
 
     def _enqueue(self, request: JobRequest) -> Job:
@@ -252,8 +269,19 @@ class AsyncClient(BaseClient):
         refine: bool = False,
         format: str = "png",
         mask: bool = False,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[str] = ("final",),
     ) -> Job:
-        request = self._request("single", [input], output, refine=refine, format=format, mask=mask)
+        request = self._request(
+            "single",
+            [input],
+            output,
+            refine=refine,
+            format=format,
+            mask=mask,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+        )
         return await self._enqueue(request)
 
     async def submit_batch(
@@ -264,8 +292,19 @@ class AsyncClient(BaseClient):
         refine: bool = False,
         format: str = "png",
         mask: bool = False,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[str] = ("final",),
     ) -> Job:
-        request = self._request("batch", inputs, output, refine=refine, format=format, mask=mask)
+        request = self._request(
+            "batch",
+            inputs,
+            output,
+            refine=refine,
+            format=format,
+            mask=mask,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+        )
         return await self._enqueue(request)
 
     async def _enqueue(self, request: JobRequest) -> Job:

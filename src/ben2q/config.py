@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Precision = Literal["auto", "float32", "float16", "bfloat16"]
@@ -82,6 +82,24 @@ class Settings(BaseSettings):
     local_root: Path | None = Field(
         None, description="Directory that file:// inputs and outputs must lie in; unset: refused."
     )
+
+    # --- webhooks ------------------------------------------------------------------------
+    webhook_secret: SecretStr | None = Field(
+        None, description="Signing secret of webhooks, 'whsec_' + base64 (Standard Webhooks)."
+    )
+    webhook_queue: str = Field("ben2q-webhooks", description="Queue of webhook deliveries.")
+    webhook_timeout: float = Field(10.0, gt=0, description="Seconds per delivery attempt.")
+    webhook_retry_schedule: list[float] = Field(
+        [0, 5, 300, 1800, 7200, 18000, 36000, 36000],
+        description="Seconds before each attempt (the Standard Webhooks schedule).",
+    )
+
+    # --- operations ----------------------------------------------------------------------
+    flower_basic_auth: SecretStr | None = Field(
+        None, description="'user:password' for Flower (comma-separate several)."
+    )
+    log_format: Literal["json", "text"] = Field("json", description="Worker log format.")
+    log_level: str = Field("INFO")
 
     @property
     def status_url(self) -> str:

@@ -28,6 +28,7 @@ JobKind = Literal["single", "batch"]
 JobState = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
 ItemState = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 OutputFormat = Literal["png", "webp"]
+WebhookEvent = Literal["final", "progress"]
 
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "partial", "failed", "cancelled"})
 INPUT_SCHEMES = ("s3", "http", "https", "file")
@@ -66,6 +67,8 @@ class JobRequest(BaseModel):
     output: str
     options: JobOptions = JobOptions()
     submitted_at: float
+    webhook_url: str | None = None
+    webhook_events: list[WebhookEvent] = ["final"]
 
 
 class ItemStatus(BaseModel):
@@ -82,6 +85,29 @@ class ItemStatus(BaseModel):
     duration_ms: float | None = None
     batch_size: int | None = None
     """Images in the forward pass that ran this item (items of other jobs included)."""
+
+
+class WebhookAttempt(BaseModel):
+    """One delivery attempt of one webhook event, as recorded on the job."""
+
+    event: str
+    msg_id: str
+    attempt: int
+    at: float
+    status_code: int | None = None
+    error: str | None = None
+    outcome: Literal["delivered", "retry", "give_up"]
+    duration_ms: float | None = None
+
+
+class WebhookState(BaseModel):
+    """Where a job's events go and what became of each delivery attempt."""
+
+    url: str
+    events: list[WebhookEvent] = ["final"]
+    attempts: list[WebhookAttempt] = []
+    delivered: bool = False
+    """True once the final event was accepted (2xx)."""
 
 
 class JobStatus(BaseModel):
@@ -103,6 +129,7 @@ class JobStatus(BaseModel):
     """Deliveries so far: more than 1 means the job was redelivered or retried."""
     queue_wait_ms: float | None = None
     run_ms: float | None = None
+    webhook: WebhookState | None = None
 
     @property
     def done(self) -> bool:
@@ -118,6 +145,9 @@ class JobStatus(BaseModel):
             options=request.options,
             output=request.output,
             created_at=request.submitted_at,
+            webhook=WebhookState(url=request.webhook_url, events=request.webhook_events)
+            if request.webhook_url
+            else None,
         )
 
     def settle(self) -> JobStatus:
@@ -218,6 +248,8 @@ def make_request(
     refine: object = False,
     format: object = "png",
     mask: object = False,
+    webhook_url: object = None,
+    webhook_events: object = ("final",),
     max_items: int = 1000,
     local_root: str | None = None,
     job_id: str | None = None,
@@ -241,6 +273,7 @@ def make_request(
             raise InvalidRequest(name, f"must be true or false, got {value!r}")
     if format not in CONTENT_TYPES:
         raise InvalidRequest("format", f"must be one of {sorted(CONTENT_TYPES)}, got {format!r}")
+    events = _check_webhook(webhook_url, webhook_events)
     return JobRequest(
         id=job_id or new_job_id(),
         kind=kind,
@@ -248,7 +281,24 @@ def make_request(
         output=validate_output(output, local_root=local_root),
         options=JobOptions(refine=refine, format=format, mask=mask),  # type: ignore[arg-type]
         submitted_at=time.time(),
+        webhook_url=webhook_url,  # type: ignore[arg-type]
+        webhook_events=events,
     )
+
+
+def _check_webhook(url: object, events: object) -> list[WebhookEvent]:
+    if url is None:
+        return ["final"]
+    if not isinstance(url, str) or urlsplit(url).scheme.lower() not in ("http", "https"):
+        raise InvalidRequest("webhook_url", "must be an http:// or https:// URL")
+    if not urlsplit(url).hostname or len(url) > 2048:
+        raise InvalidRequest("webhook_url", "must name a host (and be at most 2048 characters)")
+    if isinstance(events, str) or not isinstance(events, Sequence) or not events:
+        raise InvalidRequest("webhook_events", "must be a non-empty list of 'final', 'progress'")
+    unknown = set(events) - {"final", "progress"}
+    if unknown:
+        raise InvalidRequest("webhook_events", f"unknown events {sorted(map(str, unknown))}")
+    return sorted(set(events))  # type: ignore[arg-type]
 
 
 def _safe_stem(uri: str) -> str:

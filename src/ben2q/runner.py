@@ -86,8 +86,10 @@ class JobRunner:
         settings: Settings,
         *,
         hostname: str = "",
+        notify: Callable[[JobStatus, str], None] | None = None,
     ) -> None:
         self.engine = engine
+        self.notify = notify
         self.storage = storage
         self.store = store
         self.settings = settings
@@ -139,7 +141,16 @@ class JobRunner:
             status.run_ms = round((now - status.started_at) * 1000, 3)
         self.store.save(status)
         log.info("job %s %s in %.0f ms", status.id, status.state, status.run_ms or 0)
+        self._notify(status, "final")
         return status
+
+    def _notify(self, status: JobStatus, event: str) -> None:
+        if self.notify is None or status.webhook is None:
+            return
+        try:
+            self.notify(status, event)
+        except Exception:  # a broker hiccup must not fail a finished job
+            log.exception("could not enqueue the %s webhook of job %s", event, status.id)
 
     def prepare_retry(self, run: JobRun, countdown: float) -> None:
         """Record that the job waits for a retry after transient errors."""
@@ -175,6 +186,7 @@ class JobRunner:
             if item.state in ("pending", "running"):
                 item.state = "cancelled"
         self.store.save(status)
+        self._notify(status, "final")
 
     # --- the pipeline --------------------------------------------------------------------
 
@@ -294,6 +306,7 @@ class JobRunner:
                 log.info("job %s cancelled while running", status.id)
             else:
                 self.store.save(status)
+                self._notify(status, "progress")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -260,6 +260,30 @@ class StatusStore:
                 except WatchError:  # the record changed meanwhile: look again
                     continue
 
+    def update(self, job_id: str, mutate: Callable[[JobStatus], None]) -> JobStatus | None:
+        """Apply ``mutate`` to the stored record atomically (optimistic WATCH/MULTI retry).
+
+        For writers other than the job's own worker (webhook deliveries) that must not lose
+        each other's changes. Returns the new record, or None if it no longer exists.
+        """
+        key = self.keys.job(job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        pipe.unwatch()
+                        return None
+                    status = decode(raw)
+                    mutate(status)
+                    pipe.multi()
+                    pipe.set(key, encode(status), keepttl=True)
+                    pipe.execute()
+                    return status
+                except WatchError:
+                    continue
+
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.keys.cancel(job_id)))
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import celeryd_init, worker_process_init
+from kombu import Queue
 
 from .broker import celery_config
 from .config import Settings, get_settings
@@ -32,6 +33,9 @@ def worker_config(settings: Settings) -> dict[str, Any]:
     """Worker policy on top of the shared producer/worker configuration."""
     return {
         **celery_config(settings),
+        # A plain worker consumes jobs and webhook deliveries; production may split them
+        # with --queues.
+        "task_queues": [Queue(settings.queue), Queue(settings.webhook_queue)],
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
@@ -90,7 +94,12 @@ class _ProcessState:
                     seconds,
                 )
                 self._runner = JobRunner(
-                    engine, Storage(settings), self.store(), settings, hostname=self.hostname
+                    engine,
+                    Storage(settings),
+                    self.store(),
+                    settings,
+                    hostname=self.hostname,
+                    notify=notify,
                 )
             return self._runner
 
@@ -105,6 +114,38 @@ class _ProcessState:
 
 
 state = _ProcessState()
+
+
+def notify(status: Any, event: str) -> None:
+    """Enqueue the signed webhook of a job event (``final`` or ``progress``), if asked for.
+
+    Delivery is its own task on the webhook queue, so a slow receiver never holds the model;
+    the message id is fixed per event so every attempt (and a redelivered job's duplicate)
+    carries the same ``webhook-id``.
+    """
+    hook = status.webhook
+    if hook is None or event not in hook.events:
+        return
+    from .broker import TASK_WEBHOOK
+    from .webhooks import build_event, event_type_for
+
+    event_type = event_type_for(status, final=event == "final")
+    msg_id = f"msg_{status.id}_{event_type}"
+    if event == "progress":
+        msg_id += f"_{round(status.progress * 1000)}"
+    settings: Settings = app.conf.ben2q_settings
+    app.send_task(
+        TASK_WEBHOOK,
+        kwargs={
+            "job_id": status.id,
+            "url": hook.url,
+            "body": build_event(status, event_type=event_type).decode(),
+            "msg_id": msg_id,
+            "event": event_type,
+        },
+        queue=settings.webhook_queue,
+        ignore_result=True,
+    )
 
 
 @celeryd_init.connect
