@@ -9,17 +9,16 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from stack import Worker, aws_env, png_bytes, service_env, settings_of
 
 from ben2q.client import AsyncClient, Client
 from ben2q.config import Settings
@@ -29,91 +28,18 @@ from ben2q.errors import InvalidRequest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-class Worker:
-    """A real ``ben2q worker`` process (Celery prefork, one child) with its log."""
-
-    def __init__(self, env: dict[str, str], log: Path, name: str = "w1") -> None:
-        self.log = log
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ben2q.cli",
-                "worker",
-                "--hostname",
-                f"{name}@%h",
-                "--loglevel",
-                "INFO",
-            ],
-            env=env,
-            stdout=open(log, "ab"),
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited: {self.log.read_text()[-3000:]}")
-            text = self.log.read_text(errors="replace")
-            if " ready." in text and "BEN2 tiny ready" in text:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"worker not ready: {self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def stack(redis_server, s3_server, tmp_path_factory):
     """Environment and settings of a running worker; buckets ``inputs`` and ``outputs``."""
-    from servers import S3_ENV
-
     root = tmp_path_factory.mktemp("local-root")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BEN2Q_")}
-    env.update(S3_ENV)
-    env.update(
-        {
-            "BEN2Q_BROKER_URL": redis_server.url,
-            "BEN2Q_S3_ENDPOINT_URL": s3_server.url,
-            "BEN2Q_MODEL_SPEC": "tiny",
-            "BEN2Q_DEVICE": "cpu",
-            "BEN2Q_ALLOW_PRIVATE_URLS": "true",
-            "BEN2Q_LOCAL_ROOT": str(root),
-            "BEN2Q_MAX_IMAGE_PIXELS": "4000000",
-        }
-    )
+    env = service_env(redis_server, s3_server, BEN2Q_LOCAL_ROOT=str(root))
     s3 = s3_server.client()
     for bucket in ("inputs", "outputs"):
         s3.create_bucket(Bucket=bucket)
     worker = Worker(env, tmp_path_factory.mktemp("logs") / "worker.log")
-    settings = Settings(
-        **{k.removeprefix("BEN2Q_").lower(): v for k, v in env.items() if k.startswith("BEN2Q_")}
-    )
-    old = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
-    yield {"env": env, "settings": settings, "s3": s3, "worker": worker, "root": root}
+    with aws_env():
+        yield {"env": env, "settings": settings_of(env), "s3": s3, "worker": worker, "root": root}
     worker.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -431,10 +357,10 @@ def test_transient_errors_are_retried_with_backoff_permanent_ones_not(stack, cli
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        flaky = client.wait(client.submit(f"{base}/flaky.png", output="s3://outputs/r9/"),
-                            timeout=90)
-        gone = client.wait(client.submit(f"{base}/gone.png", output="s3://outputs/r9/"),
-                           timeout=60)
+        flaky = client.wait(
+            client.submit(f"{base}/flaky.png", output="s3://outputs/r9/"), timeout=90
+        )
+        gone = client.wait(client.submit(f"{base}/gone.png", output="s3://outputs/r9/"), timeout=60)
     finally:
         server.shutdown()
     assert flaky.state == "succeeded" and flaky.attempts == 3  # 503, 503, then the image

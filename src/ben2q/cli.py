@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run Redis and a worker on this machine with file:// storage")
     up.add_argument("--root", type=Path, default=Path("."), help="local root (default .)")
     up.add_argument("--port", type=int, default=0, help="Redis port (default: a free one)")
+    flower = sub.add_parser(
+        "flower", help="Flower monitoring on the broker (basic auth: BEN2Q_FLOWER_BASIC_AUTH)"
+    )
+    flower.add_argument("--port", type=int, default=5555)
+    exporter = sub.add_parser("exporter", help="Prometheus metrics of the service")
+    exporter.add_argument("--port", type=int, default=9808)
+    exporter.add_argument("--addr", default="0.0.0.0")
     return parser
 
 
@@ -303,9 +310,15 @@ def run_job_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
-    if args.command in ("worker", "up"):
+    if args.command == "exporter":
+        from .metrics import main as exporter_main
+
+        return exporter_main(["--port", str(args.port), "--addr", args.addr, *extra])
+    if args.command in ("worker", "up", "flower"):
         from . import serve
 
+        if args.command == "flower":
+            return serve.run_flower(extra, port=args.port)
         if args.command == "up":
             return serve.run_up(root=args.root, port=args.port, passthrough=extra)
         if args.gpus:

@@ -30,6 +30,7 @@ from .engine import Engine, Prediction
 from .errors import BEN2QError, ImageTooLarge, JobTimeout, StorageError
 from .imageio import decode_image
 from .jobs import CONTENT_TYPES, ErrorInfo, JobRequest, JobStatus, mask_uri, output_uri
+from .metrics import MetricsRecorder
 from .status import StatusStore
 from .storage import Storage
 
@@ -87,9 +88,11 @@ class JobRunner:
         *,
         hostname: str = "",
         notify: Callable[[JobStatus, str], None] | None = None,
+        metrics: MetricsRecorder | None = None,
     ) -> None:
         self.engine = engine
         self.notify = notify
+        self.metrics = metrics
         self.storage = storage
         self.store = store
         self.settings = settings
@@ -140,9 +143,20 @@ class JobRunner:
         if status.started_at:
             status.run_ms = round((now - status.started_at) * 1000, 3)
         self.store.save(status)
-        log.info("job %s %s in %.0f ms", status.id, status.state, status.run_ms or 0)
-        self._notify(status, "final")
+        log.info(
+            "job %s %s in %.0f ms",
+            status.id,
+            status.state,
+            status.run_ms or 0,
+            extra={"job_id": status.id, "state": status.state, "duration_ms": status.run_ms},
+        )
+        self._ended(status)
         return status
+
+    def _ended(self, status: JobStatus) -> None:
+        if self.metrics is not None:
+            self.metrics.record_job(status, worker=self.hostname)
+        self._notify(status, "final")
 
     def _notify(self, status: JobStatus, event: str) -> None:
         if self.notify is None or status.webhook is None:
@@ -186,7 +200,7 @@ class JobRunner:
             if item.state in ("pending", "running"):
                 item.state = "cancelled"
         self.store.save(status)
-        self._notify(status, "final")
+        self._ended(status)
 
     # --- the pipeline --------------------------------------------------------------------
 
@@ -289,7 +303,13 @@ class JobRunner:
             return
         record.state, record.error = "failed", ErrorInfo(**exc.to_dict())
         record.duration_ms = round((time.perf_counter() - item.started) * 1000, 3)
-        log.info("job %s item %d failed: %s", item.run.request.id, item.index, exc.code)
+        log.info(
+            "job %s item %d failed: %s",
+            item.run.request.id,
+            item.index,
+            exc.code,
+            extra={"job_id": item.run.request.id, "item": item.index, "code": exc.code},
+        )
 
     def _checkpoint(self, runs: Sequence[JobRun], *, final: bool = False) -> None:
         """Publish progress and notice cancellations (once per chunk)."""

@@ -29,7 +29,8 @@ def _has_option(argv: Sequence[str], *names: str) -> bool:
 def worker_argv(passthrough: Sequence[str], *, queues: str | None, gpu: int | None) -> list[str]:
     """The ``celery worker`` arguments for one ben2q worker."""
     argv = ["worker", "--pool=prefork", "--concurrency=1"]
-    argv.append(f"--queues={queues or get_settings().queue}")
+    s = get_settings()
+    argv.append(f"--queues={queues or f'{s.queue},{s.webhook_queue}'}")
     if not _has_option(passthrough, "--hostname", "-n"):
         name = f"gpu{gpu}" if gpu is not None else "ben2q"
         argv.append(f"--hostname={name}@%h")
@@ -154,3 +155,21 @@ def run_up(*, root: Path, port: int, passthrough: Sequence[str]) -> int:
     finally:
         redis_proc.terminate()
         redis_proc.wait(20)
+
+
+def flower_command(passthrough: Sequence[str], *, port: int) -> tuple[list[str], dict[str, str]]:
+    """The Flower command line and environment: basic auth goes through the environment
+    (``FLOWER_BASIC_AUTH``) so the password never shows in the process list."""
+    env = dict(os.environ)
+    auth = get_settings().flower_basic_auth
+    if auth is not None:
+        env["FLOWER_BASIC_AUTH"] = auth.get_secret_value()
+    argv = [sys.executable, "-m", "celery", "-A", "ben2q.worker", "flower", f"--port={port}"]
+    return argv + list(passthrough), env
+
+
+def run_flower(passthrough: Sequence[str], *, port: int) -> int:
+    """Flower on the job broker (replaces this process)."""
+    argv, env = flower_command(passthrough, port=port)
+    os.execve(argv[0], argv, env)
+    return 0  # not reached

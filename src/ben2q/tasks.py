@@ -16,23 +16,26 @@ images, missing inputs and refused URLs fail their item at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Collection
+from queue import Queue
 from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celery.utils.time import get_exponential_backoff_interval
+from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 from pydantic import ValidationError
 
-from .broker import TASK_BATCH, TASK_REMOVE
+from .broker import TASK_BATCH, TASK_REMOVE, TASK_WEBHOOK
 from .config import Settings
 from .errors import JobTimeout
-from .jobs import ErrorInfo, JobRequest
+from .jobs import ErrorInfo, JobRequest, JobStatus, WebhookAttempt
 from .runner import JobRun, run_jobs
 from .worker import app, state
 
@@ -70,16 +73,38 @@ def _retry(run: JobRun) -> float | None:
     return countdown
 
 
+class _ReceivedQueue(Queue):
+    """The batch buffer; announces each buffered job to monitors (Flower) as received."""
+
+    def put(self, req: Any, block: bool = True, timeout: float | None = None) -> None:
+        req.send_event(
+            "task-received",
+            name=req.name,
+            args=req.argsrepr,
+            kwargs=req.kwargsrepr,
+            root_id=req.root_id,
+            parent_id=req.parent_id,
+            retries=req.request_dict.get("retries", 0),
+        )
+        super().put(req, block, timeout)
+
+
 class BatchedJobTask(Batches):
-    """celery-batches with time limits, requeue on a lost child, and busy-aware flushing."""
+    """celery-batches with time limits, requeue on a lost child, busy-aware flushing and the
+    per-job task events that plain tasks send (so Flower shows every job)."""
 
     _inflight = 0
     _inflight_lock = threading.Lock()
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer = _ReceivedQueue()
+
     def _do_flush(self) -> None:
         # While a batch runs, keep collecting (up to a full batch) instead of queueing
         # small batches behind it; when idle, flush at once.
-        if self._inflight and self._buffer.qsize() < self.flush_every:
+        busy = self._inflight or worker_state.active_requests  # a batch job counts too
+        if busy and self._buffer.qsize() < self.flush_every:
             return
         super()._do_flush()
 
@@ -93,15 +118,24 @@ class BatchedJobTask(Batches):
         simple = ([SimpleRequest.from_request(r) for r in requests],)
         with self._inflight_lock:
             BatchedJobTask._inflight += 1
+        started = time.monotonic()
+
+        def on_accepted(pid: int, time_accepted: float) -> None:
+            for req in requests:
+                req.send_event("task-started")
 
         def on_return(_: Any) -> None:
             self._done()
+            runtime = time.monotonic() - started
             for req in requests:
+                req.send_event("task-succeeded", result="null", runtime=runtime)
                 req.acknowledge()
 
         def on_error(einfo: Any) -> None:
             self._done()
             exc = getattr(einfo, "exception", einfo)
+            for req in requests:
+                req.send_event("task-failed", exception=repr(exc), traceback="")
             if isinstance(exc, WorkerLostError):
                 log.warning("worker child lost during %d jobs; requeueing them", n)
                 for req in requests:
@@ -115,6 +149,7 @@ class BatchedJobTask(Batches):
         return self._pool.apply_async(
             apply_batches_task,
             (self, simple, 0, None),
+            accept_callback=on_accepted,
             callback=on_return,
             error_callback=on_error,
             soft_timeout=settings.job_soft_time_limit * n,
@@ -180,3 +215,90 @@ def batch(self: Any, request: dict[str, Any]) -> str | None:
         return None
     [status] = run_jobs(state.runner(), [parsed], timeouts=TIMEOUTS, on_retry=_retry)
     return status.state if status else None
+
+
+@app.task(
+    name=TASK_WEBHOOK,
+    bind=True,
+    acks_late=True,
+    ignore_result=True,
+    soft_time_limit=settings.webhook_timeout * 3,
+    time_limit=settings.webhook_timeout * 4,
+)
+def webhook(
+    self: Any,
+    job_id: str,
+    url: str,
+    body: str,
+    msg_id: str,
+    event: str,
+    attempt: int = 1,
+    not_before: float = 0.0,
+) -> str:
+    """One delivery attempt of a signed webhook event; schedules the next one if needed.
+
+    Waits longer than half the visibility timeout hop through several messages, since a
+    Redis-transport ETA beyond the visibility timeout would be delivered twice.
+    """
+    from .webhooks import deliver_once, next_delay
+
+    kwargs = {"job_id": job_id, "url": url, "body": body, "msg_id": msg_id, "event": event}
+    now = time.time()
+    hop = settings.visibility_timeout / 2
+    if not_before > now + 0.5:
+        self.apply_async(
+            kwargs={**kwargs, "attempt": attempt, "not_before": not_before},
+            countdown=min(not_before - now, hop),
+            queue=settings.webhook_queue,
+        )
+        return "waiting"
+    secret = settings.webhook_secret
+    if secret is None:
+        result = WebhookAttempt(
+            event=event,
+            msg_id=msg_id,
+            attempt=attempt,
+            at=now,
+            outcome="give_up",
+            error="no BEN2Q_WEBHOOK_SECRET configured: events are never sent unsigned",
+        )
+    else:
+        outcome = deliver_once(
+            url,
+            body.encode(),
+            msg_id=msg_id,
+            secret=secret.get_secret_value(),
+            attempt=attempt,
+            timeout=settings.webhook_timeout,
+            allow_private=settings.allow_private_urls,
+        )
+        result = WebhookAttempt(event=event, msg_id=msg_id, **dataclasses.asdict(outcome))
+    delay = (
+        next_delay(attempt, settings.webhook_retry_schedule) if result.outcome == "retry" else None
+    )
+    if result.outcome == "retry" and delay is None:
+        result.outcome = "give_up"
+        result.error = f"{result.error or 'failed'}; retry schedule exhausted"
+
+    def record(status: JobStatus) -> None:
+        if status.webhook is not None:
+            status.webhook.attempts.append(result)
+            if result.outcome == "delivered" and not event.endswith("progress"):
+                status.webhook.delivered = True
+
+    state.store().update(job_id, record)
+    log.info(
+        "webhook %s of job %s attempt %d: %s",
+        event,
+        job_id,
+        attempt,
+        result.outcome,
+        extra={"job_id": job_id, "code": result.status_code},
+    )
+    if delay is not None:
+        self.apply_async(
+            kwargs={**kwargs, "attempt": attempt + 1, "not_before": time.time() + delay},
+            countdown=min(delay, hop),
+            queue=settings.webhook_queue,
+        )
+    return result.outcome

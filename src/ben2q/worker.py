@@ -20,7 +20,7 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_init, worker_process_init
+from celery.signals import celeryd_init, setup_logging, worker_process_init
 from kombu import Queue
 
 from .broker import celery_config
@@ -80,6 +80,7 @@ class _ProcessState:
         with self.lock:
             if self._runner is None:
                 from .engine import Engine
+                from .metrics import MetricsRecorder
                 from .runner import JobRunner
                 from .storage import Storage
 
@@ -100,6 +101,7 @@ class _ProcessState:
                     settings,
                     hostname=self.hostname,
                     notify=notify,
+                    metrics=MetricsRecorder(settings.status_url),
                 )
             return self._runner
 
@@ -154,8 +156,27 @@ def _remember_hostname(sender: str | None = None, **_: Any) -> None:
         state.hostname = sender
 
 
+@setup_logging.connect
+def _logging(loglevel: Any = None, **_: Any) -> None:
+    """Our handler instead of Celery's: JSON lines (or text) with job ids, secrets redacted."""
+    from .logs import configure_logging
+
+    settings: Settings = app.conf.ben2q_settings
+    level = loglevel if isinstance(loglevel, str) else logging.getLevelName(loglevel or 20)
+    configure_logging(fmt=settings.log_format, level=level, worker=state.hostname or None)
+
+
 @worker_process_init.connect
 def _load_model(**_: Any) -> None:
     # A forked child must not share the parent's Redis connections.
     state._store = None
+    if state.hostname:
+        from .logs import configure_logging
+
+        settings: Settings = app.conf.ben2q_settings
+        configure_logging(
+            fmt=settings.log_format,
+            level=logging.getLevelName(logging.getLogger().level),
+            worker=state.hostname,
+        )
     state.runner()
