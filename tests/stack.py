@@ -45,10 +45,16 @@ def service_env(redis_server, s3_server, **extra: str) -> dict[str, str]:
 
 
 def settings_of(env: dict[str, str]) -> Settings:
-    """The producer's Settings for the same environment."""
-    return Settings(
-        **{k.removeprefix("BEN2Q_").lower(): v for k, v in env.items() if k.startswith("BEN2Q_")}
-    )
+    """The producer's Settings for the same environment (parsed as from the environment)."""
+    saved = dict(os.environ)
+    try:
+        for key in [k for k in os.environ if k.startswith("BEN2Q_")]:
+            del os.environ[key]
+        os.environ.update({k: v for k, v in env.items() if k.startswith("BEN2Q_")})
+        return Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @contextlib.contextmanager
