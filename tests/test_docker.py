@@ -41,7 +41,6 @@ GPU_WORKERS = {"worker-gpu0", "worker-gpu1"}
 WORKERS = GPU_WORKERS | {"webhooks", "worker-cpu"}
 BEN2Q_SERVICES = WORKERS | {"flower", "exporter"}
 EXPECTED_SERVICES = BEN2Q_SERVICES | {"redis", "minio", "minio-init"}
-NEW_COMMANDS = {"flower", "exporter"}  # being added by the operations work
 BUCKETS = ("ben2q-inputs", "ben2q-outputs")
 REQUIRED_ENV = {
     "MINIO_ROOT_PASSWORD": "minio-test-password",
@@ -544,14 +543,7 @@ def _ben2q() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "ben2q.cli"]
 
 
-def _help_case(name: str):
-    marks = []
-    if name in NEW_COMMANDS:
-        marks.append(pytest.mark.xfail(strict=False, reason="command added by the operations work"))
-    return pytest.param(name, marks=marks, id=name)
-
-
-@pytest.mark.parametrize("name", [_help_case(n) for n in sorted(BEN2Q_SERVICES)])
+@pytest.mark.parametrize("name", sorted(BEN2Q_SERVICES))
 def test_service_commands_answer_help(services, name):
     command = services[name]["command"]
     done = subprocess.run(
