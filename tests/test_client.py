@@ -85,6 +85,8 @@ def simulate_worker(store: StatusStore, raw: redis.Redis, job_id: str) -> thread
         while raw.pubsub_numsub(KEYS.events(job_id))[0][1] < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        # the follower reads the current record right after subscribing: let it see "queued"
+        time.sleep(0.3)
         status = store.get(job_id)
         assert status is not None
         status.state, status.attempts, status.started_at = "running", 1, time.time()
