@@ -79,3 +79,28 @@ def s3_env(s3_server, monkeypatch):
     for key, value in S3_ENV.items():
         monkeypatch.setenv(key, value)
     return {**S3_ENV, "BEN2Q_S3_ENDPOINT_URL": s3_server.url}
+
+
+@pytest.fixture()
+def url(redis_server, request) -> str:
+    """A flushed database of the session's redis-server, private to the test module.
+
+    Modules that use it set ``DB = n`` (distinct numbers) so they never see each other's keys.
+    """
+    import redis
+
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{request.module.DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+@pytest.fixture()
+def raw(url):
+    """A plain redis-py client on the module's database."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    yield client
+    client.close()

@@ -34,22 +34,6 @@ OUT = "s3://bucket/out/"
 
 
 @pytest.fixture()
-def url(redis_server) -> str:
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
-    raw = redis.Redis.from_url(url)
-    raw.flushdb()
-    raw.close()
-    return url
-
-
-@pytest.fixture()
-def raw(url):
-    client = redis.Redis.from_url(url)
-    yield client
-    client.close()
-
-
-@pytest.fixture()
 def settings(url) -> Settings:
     return Settings(
         broker_url=url, result_backend=None, queue=QUEUE, max_batch_items=5, local_root=None

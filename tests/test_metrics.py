@@ -29,15 +29,6 @@ DB = 9  # the session server is shared: this module keeps to its own database
 COMMANDS = ("multi", "exec", "hincrby", "hincrbyfloat", "hgetall", "get")
 
 
-@pytest.fixture()
-def url(redis_server) -> str:
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
-    raw = redis.Redis.from_url(url)
-    raw.flushdb()
-    raw.close()
-    return url
-
-
 def job(
     kind: str,
     state: str,

@@ -25,22 +25,6 @@ DB = 3  # the session server is shared: this module keeps to its own database
 
 
 @pytest.fixture()
-def url(redis_server) -> str:
-    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
-    raw = redis.Redis.from_url(url)
-    raw.flushdb()
-    raw.close()
-    return url
-
-
-@pytest.fixture()
-def raw(url):
-    client = redis.Redis.from_url(url)
-    yield client
-    client.close()
-
-
-@pytest.fixture()
 def store(url):
     with StatusStore(url, ttl=TTL) as store:
         yield store
