@@ -224,7 +224,9 @@ def _validate(url: httpx.URL) -> _Target:
     if not host:
         raise ForbiddenURL("URL has no host")
     default_port = _DEFAULT_PORTS[scheme]
-    port = url.port or default_port
+    port = default_port if url.port is None else url.port
+    if not 0 < port < 65536:  # the OS would truncate it: :110385 would reach port 44849
+        raise ForbiddenURL(f"URL port {port} is out of range")
     host_literal = f"[{host}]" if ":" in host else host
     host_header = host_literal if port == default_port else f"{host_literal}:{port}"
     return _Target(url, scheme, host, port, host_header, url.raw_path.decode("ascii"))

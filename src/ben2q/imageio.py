@@ -233,7 +233,10 @@ def _looks_like_image(data: bytes) -> bool:
 
 
 def _file_url_path(url: str) -> str:
-    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. "file://[::1/x": a bad IPv6 literal
+        raise InvalidImage(f"malformed file: URL: {exc}") from exc
     if parsed.netloc not in ("", "localhost"):
         raise InvalidImage(f"file: URL with a remote host {parsed.netloc!r} is not supported")
     return urllib.request.url2pathname(parsed.path)
@@ -247,12 +250,16 @@ def _read_path(path: str, settings: Settings) -> bytes:
             if size > limit:
                 raise ImageTooLarge(f"{path}: {size} bytes, over the limit of {limit} bytes")
             return _read_limited(file, limit, path)
+    except InvalidImage:
+        raise
     except FileNotFoundError as exc:
         raise InvalidImage(f"no such file: {_shorten(path)}") from exc
     except IsADirectoryError as exc:
         raise InvalidImage(f"not a file: {_shorten(path)}") from exc
     except OSError as exc:
         raise InvalidImage(f"cannot read {_shorten(path)}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL in the path, or text that is not valid Unicode
+        raise InvalidImage(f"cannot read {_shorten(path)}: {exc}") from exc
 
 
 def _read_stream(stream: Any, settings: Settings) -> bytes:

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,12 +56,16 @@ class JobOptions(BaseModel):
     """Also write the alpha as an 8-bit grayscale PNG."""
 
 
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+"""Job ids are one safe path segment: they are part of every output key and file path."""
+
+
 class JobRequest(BaseModel):
     """One job as enqueued: the message body of the ``ben2q.*`` tasks."""
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str
+    id: str = Field(pattern=JOB_ID_PATTERN)
     kind: JobKind
     inputs: list[str]
     output: str
@@ -175,6 +179,18 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def _split(uri: str, field: str) -> SplitResult:
+    """``urlsplit`` that turns a malformed URI (bad IPv6 literal, port out of range, text
+    that is not valid Unicode) into ``InvalidRequest`` instead of a bare ``ValueError``."""
+    try:
+        uri.encode("utf-8")  # lone surrogates would break the JSON of the queue and records
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+    except ValueError as exc:  # UnicodeEncodeError too
+        raise InvalidRequest(field, f"malformed URI: {exc}") from exc
+    return parts
+
+
 def _check_file_uri(uri: str, field: str, local_root: str | None) -> None:
     parts = urlsplit(uri)
     if parts.netloc not in ("", "localhost"):
@@ -208,7 +224,7 @@ def validate_input(uri: object, field: str, *, local_root: str | None = None) ->
         raise InvalidRequest(field, "must be a non-empty string URI")
     if len(uri) > 4096:
         raise InvalidRequest(field, "URI longer than 4096 characters")
-    scheme = urlsplit(uri).scheme.lower()
+    scheme = _split(uri, field).scheme.lower()
     if scheme not in INPUT_SCHEMES:
         raise InvalidRequest(
             field,
@@ -228,7 +244,7 @@ def validate_output(uri: object, *, local_root: str | None = None) -> str:
     field = "output"
     if not isinstance(uri, str) or not uri.strip():
         raise InvalidRequest(field, "must be an s3:// or file:// location")
-    scheme = urlsplit(uri).scheme.lower()
+    scheme = _split(uri, field).scheme.lower()
     if scheme not in OUTPUT_SCHEMES:
         raise InvalidRequest(
             field, f"unsupported scheme {scheme or '(none)'!r}; use s3:// or file://"
@@ -256,6 +272,8 @@ def make_request(
 ) -> JobRequest:
     """Validate a submission and build its ``JobRequest``; ``InvalidRequest`` names the field."""
     field = "input" if kind == "single" else "inputs"
+    if job_id is not None and not re.fullmatch(JOB_ID_PATTERN, str(job_id)):
+        raise InvalidRequest("job_id", "must be letters, digits, '_' or '-' (one path segment)")
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
         raise InvalidRequest(field, "must be a list of URIs")
     if not inputs:
@@ -271,7 +289,7 @@ def make_request(
     for name, value in (("refine", refine), ("mask", mask)):
         if not isinstance(value, bool):
             raise InvalidRequest(name, f"must be true or false, got {value!r}")
-    if format not in CONTENT_TYPES:
+    if not isinstance(format, str) or format not in CONTENT_TYPES:
         raise InvalidRequest("format", f"must be one of {sorted(CONTENT_TYPES)}, got {format!r}")
     events = _check_webhook(webhook_url, webhook_events)
     return JobRequest(
@@ -289,11 +307,19 @@ def make_request(
 def _check_webhook(url: object, events: object) -> list[WebhookEvent]:
     if url is None:
         return ["final"]
-    if not isinstance(url, str) or urlsplit(url).scheme.lower() not in ("http", "https"):
+    if not isinstance(url, str) or _split(url, "webhook_url").scheme.lower() not in (
+        "http",
+        "https",
+    ):
         raise InvalidRequest("webhook_url", "must be an http:// or https:// URL")
     if not urlsplit(url).hostname or len(url) > 2048:
         raise InvalidRequest("webhook_url", "must name a host (and be at most 2048 characters)")
-    if isinstance(events, str) or not isinstance(events, Sequence) or not events:
+    if (
+        isinstance(events, str)
+        or not isinstance(events, Sequence)
+        or not events
+        or not all(isinstance(event, str) for event in events)
+    ):
         raise InvalidRequest("webhook_events", "must be a non-empty list of 'final', 'progress'")
     unknown = set(events) - {"final", "progress"}
     if unknown:
