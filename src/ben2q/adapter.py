@@ -86,6 +86,8 @@ class BEN2BackgroundRemoverAdapter:
                 results.append(None)  # type: ignore[arg-type]  # filled below
             except BEN2QError as exc:
                 results.append(exc)
+            except Exception as exc:  # a decoder bug must not sink the other items
+                results.append(BEN2QError(f"{type(exc).__name__}: {exc}"))
         outputs = self.engine.remove_background([img for _, img in decoded], refine=refine)
         for (i, _), out in zip(decoded, outputs, strict=True):
             results[i] = out
