@@ -84,15 +84,15 @@ def main() -> None:
     redis = RedisServer(tmp / "redis").start()
     s3srv = S3Server(tmp / "s3").start()
     s3 = s3srv.client()
-    s3.create_bucket(Bucket="in")
-    s3.create_bucket(Bucket="out")
+    s3.create_bucket(Bucket="bench-in")
+    s3.create_bucket(Bucket="bench-out")
     images = [synthetic(w, h, seed) for seed in range(args.jobs)]
     uris = []
     for i, img in enumerate(images):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        s3.put_object(Bucket="in", Key=f"img/{i}.png", Body=buf.getvalue())
-        uris.append(f"s3://in/img/{i}.png")
+        s3.put_object(Bucket="bench-in", Key=f"img/{i}.png", Body=buf.getvalue())
+        uris.append(f"s3://bench-in/img/{i}.png")
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("BEN2Q_")}
     base_env.update(
@@ -142,7 +142,7 @@ def main() -> None:
             lat = []
             for i in range(args.latency_jobs):
                 t = time.perf_counter()
-                st = client.wait(client.submit(uris[i], output="s3://out/lat/"), timeout=120)
+                st = client.wait(client.submit(uris[i], output="s3://bench-out/lat/"), timeout=120)
                 lat.append(time.perf_counter() - t)
                 assert st.state == "succeeded", st
             over = [x - engine_p50 for x in lat]
@@ -152,7 +152,7 @@ def main() -> None:
                 f"{pct(over, 50) * 1000:6.1f} ms  p99 {pct(over, 99) * 1000:6.1f} ms"
             )
         t = time.perf_counter()
-        jobs = [client.submit(u, output=f"s3://out/{max_batch}/") for u in uris]
+        jobs = [client.submit(u, output=f"s3://bench-out/{max_batch}/") for u in uris]
         finals = [client.wait(j, timeout=600) for j in jobs]
         elapsed = time.perf_counter() - t
         assert all(s.state == "succeeded" for s in finals)
@@ -166,7 +166,7 @@ def main() -> None:
         )
         if max_batch == 4:
             t = time.perf_counter()
-            st = client.wait(client.submit_batch(uris, output="s3://out/batch/"), timeout=600)
+            st = client.wait(client.submit_batch(uris, output="s3://bench-out/batch/"), timeout=600)
             elapsed = time.perf_counter() - t
             assert st.state == "succeeded", st.state
             ips = len(uris) / elapsed
