@@ -2,6 +2,8 @@
 
 Each runs as its own process on loopback and can be stopped and started again (fault
 tests). Nothing here fakes a protocol: clients talk Redis and S3 over TCP/HTTP.
+``TcpProxy`` stands between a client and a server whose state must survive an outage
+(moto keeps its buckets in memory): closing the proxy makes the server unreachable.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -134,3 +137,130 @@ class S3Server:
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         )
+
+
+_METHODS = (b"GET ", b"PUT ", b"HEAD ", b"POST ", b"DELETE ")
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of ``target_port``, to take a server away and back.
+
+    ``close()`` stops listening (new connections are refused) and drops every open
+    connection; ``open()`` listens again on the same port. On the way to the server it
+    watches HTTP requests (a chunk that begins with a method): ``requests`` lists their
+    first lines; ``mode`` ``"drop_puts"`` drops the connection of every ``PUT`` (an upload
+    that never arrives), ``"hold_puts"`` holds each ``PUT`` (``put_seen`` is set) until
+    ``release()``, which drops it.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.mode = "forward"
+        self.requests: list[bytes] = []
+        self.put_seen = threading.Event()
+        self._release = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._accepting: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def open(self) -> TcpProxy:
+        if self._listener is not None:
+            return self
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        listener.settimeout(0.1)
+        self._listener = listener
+        self._accepting = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+        self._accepting.start()
+        return self
+
+    def close(self) -> None:
+        """Refuse new connections and drop the open ones."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+            if self._accepting is not None:
+                self._accepting.join(5)
+        self._drop_all()
+
+    def hold(self) -> None:
+        """Hold every upload from now on (until ``release``)."""
+        self._release.clear()
+        self.put_seen.clear()
+        self.mode = "hold_puts"
+
+    def release(self) -> None:
+        """Stop holding uploads: the held ones are dropped, later ones pass."""
+        self.mode = "forward"
+        self._release.set()
+
+    def puts(self) -> list[bytes]:
+        with self._lock:
+            return [r for r in self.requests if r.startswith(b"PUT ")]
+
+    def _drop_all(self) -> None:
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            _shut(conn)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                _shut(client)
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns.update((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, to_server: bool) -> None:
+        try:
+            while True:
+                chunk = src.recv(65536)
+                if not chunk:
+                    break
+                if to_server and chunk.startswith(_METHODS):
+                    with self._lock:
+                        self.requests.append(chunk.split(b"\r\n", 1)[0])
+                    if chunk.startswith(b"PUT ") and self.mode == "drop_puts":
+                        break
+                    if chunk.startswith(b"PUT ") and self.mode == "hold_puts":
+                        self.put_seen.set()
+                        self._release.wait(120)
+                        break
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            _shut(src)
+            _shut(dst)
+            with self._lock:
+                self._conns.discard(src)
+                self._conns.discard(dst)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

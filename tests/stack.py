@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -73,10 +74,17 @@ def aws_env() -> Iterator[None]:
 
 
 class Worker:
-    """A real ``ben2q worker`` process (Celery prefork, one child) with its log."""
+    """A real ``ben2q worker`` process (Celery prefork, one child) with its log.
 
-    def __init__(self, env: dict[str, str], log: Path, name: str = "w1") -> None:
+    ``kill`` kills the parent and its prefork child together (as a machine loss would);
+    ``stop`` is a warm shutdown that leaves no child behind.
+    """
+
+    def __init__(
+        self, env: dict[str, str], log: Path, name: str = "w1", *, wait: bool = True
+    ) -> None:
         self.log = log
+        self.name = name
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -93,7 +101,8 @@ class Worker:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -106,7 +115,29 @@ class Worker:
             time.sleep(0.1)
         raise RuntimeError(f"worker not ready: {self.log.read_text()[-3000:]}")
 
+    def children(self) -> list[int]:
+        """Pids of the parent's child processes (the prefork pool), from /proc."""
+        pid = self.proc.pid
+        found: list[int] = []
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        found += [int(x) for x in f.read().split()]
+        return sorted(set(found))
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the parent and then to its children (the whole worker)."""
+        pids = [self.proc.pid, *self.children()]  # the parent first: it must not react
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if sig == signal.SIGKILL:
+            self.proc.wait(10)
+            _wait_gone(pids[1:])
+
     def stop(self) -> None:
+        children = self.children()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -114,3 +145,19 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        for pid in children:  # a child left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _wait_gone(children)
+
+
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """Wait until ``pids`` (orphans, reaped by init) no longer exist."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)

@@ -292,6 +292,8 @@ class JobRunner:
             except BEN2QError as exc:
                 self._item_error(item, exc)
             except Exception as exc:  # an encoder or storage bug: fail the item, not the worker
+                if not fut.done() or fut.exception() is not exc:
+                    raise  # the wait itself was interrupted (the soft time limit): not the item's
                 log.exception("upload of job %s item %d failed", item.run.request.id, item.index)
                 self._item_error(item, BEN2QError(f"{type(exc).__name__}: {exc}"))
 

@@ -50,8 +50,14 @@ def run_worker(passthrough: Sequence[str], *, queues: str | None, gpu: int | Non
     if gpu is not None:
         pin_gpu(gpu)
     get_settings.cache_clear()
-    from .worker import app  # after the environment is final: the app reads Settings
+    # after the environment is final: the app reads Settings
+    from .worker import ConfigurationError, app, check_visibility_timeout
 
+    try:
+        check_visibility_timeout(app.conf.ben2q_settings)
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     app.worker_main(worker_argv(passthrough, queues=queues, gpu=gpu))
     return 0
 

@@ -24,6 +24,7 @@ from collections.abc import Collection
 from queue import Queue
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celery.utils.time import get_exponential_backoff_interval
 from celery.worker import state as worker_state
@@ -37,7 +38,7 @@ from .config import Settings
 from .errors import JobTimeout
 from .jobs import ErrorInfo, JobRequest, JobStatus, WebhookAttempt
 from .runner import JobRun, run_jobs
-from .worker import app, state
+from .worker import app, state, webhook_time_limits
 
 log = logging.getLogger(__name__)
 settings: Settings = app.conf.ben2q_settings
@@ -134,6 +135,8 @@ class BatchedJobTask(Batches):
         def on_error(einfo: Any) -> None:
             self._done()
             exc = getattr(einfo, "exception", einfo)
+            if isinstance(exc, ExceptionWithTraceback):  # billiard's wrapper of the real one
+                exc = exc.exc
             for req in requests:
                 req.send_event("task-failed", exception=repr(exc), traceback="")
             if isinstance(exc, WorkerLostError):
@@ -222,8 +225,8 @@ def batch(self: Any, request: dict[str, Any]) -> str | None:
     bind=True,
     acks_late=True,
     ignore_result=True,
-    soft_time_limit=settings.webhook_timeout * 3,
-    time_limit=settings.webhook_timeout * 4,
+    soft_time_limit=webhook_time_limits(settings)[0],
+    time_limit=webhook_time_limits(settings)[1],
 )
 def webhook(
     self: Any,

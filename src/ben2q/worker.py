@@ -8,8 +8,15 @@ while the parent keeps the broker connection, heartbeats and Flower events alive
 Delivery guarantees: ``acks_late`` with ``reject_on_worker_lost``: a job is acknowledged
 after it finished, and a job whose child died is requeued. With the Redis transport an
 unacknowledged job of a worker that vanished entirely comes back after
-``BEN2Q_VISIBILITY_TIMEOUT``; it must exceed the longest time a job can stay unacknowledged
-(prefetch wait + time limit), or a live worker's job is delivered a second time.
+``BEN2Q_VISIBILITY_TIMEOUT`` (every worker sweeps for such jobs every
+``restore_interval`` seconds). A live worker never lets that happen to the jobs it holds:
+
+- it refuses to start unless the visibility timeout exceeds the longest time a
+  single-image job can stay unacknowledged on it, ``prefetch × hard time limit + margin``
+  (``check_visibility_timeout``);
+- every ``renew_interval`` seconds it renews the visibility of every message it holds
+  (``RenewVisibility``), so batch jobs, whose limits grow with their size, and jobs
+  prefetched behind them are not redelivered either, however long they take.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import celeryd_init, setup_logging, worker_process_init
 from kombu import Queue
 
@@ -29,10 +37,70 @@ from .config import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
+VISIBILITY_MARGIN = 5.0
+"""Seconds between a job's hard time limit and its acknowledgement at worst: the limit is
+enforced within about a second, then the job is failed in Redis and acknowledged."""
+
+
+class ConfigurationError(ValueError):
+    """Settings a worker refuses to start with."""
+
+
+def prefetch(settings: Settings) -> int:
+    """Messages a worker reserves: enough to fill a batch while the previous one runs."""
+    return max(2 * settings.max_batch, 1)
+
+
+def webhook_time_limits(settings: Settings) -> tuple[float, float]:
+    """Soft and hard time limits of one webhook delivery attempt."""
+    return settings.webhook_timeout * 3, settings.webhook_timeout * 4
+
+
+def restore_interval(settings: Settings) -> int:
+    """Seconds between a worker's sweeps for messages whose visibility timeout expired."""
+    return max(1, min(10, settings.visibility_timeout // 6))
+
+
+def renew_interval(settings: Settings) -> float:
+    """Seconds between renewals of the visibility of the messages a worker holds."""
+    return max(1.0, settings.visibility_timeout / 4)
+
+
+def check_visibility_timeout(settings: Settings) -> None:
+    """Refuse a visibility timeout a job can outlive while its worker is alive.
+
+    A reserved message waits behind at most ``prefetch - 1`` others and then runs, each
+    bounded by its hard time limit (``BEN2Q_JOB_TIME_LIMIT`` per image; a webhook attempt:
+    4 × ``BEN2Q_WEBHOOK_TIMEOUT``). So ``visibility_timeout`` must exceed
+    ``prefetch × hard limit + VISIBILITY_MARGIN``. Batch jobs, whose limit scales with their
+    size, are covered by the renewal of held messages instead (``RenewVisibility``).
+    """
+    n = prefetch(settings)
+    limit = max(settings.job_time_limit, webhook_time_limits(settings)[1])
+    bound = n * limit + VISIBILITY_MARGIN
+    if settings.visibility_timeout <= bound:
+        raise ConfigurationError(
+            f"BEN2Q_VISIBILITY_TIMEOUT={settings.visibility_timeout} s is too short: a job "
+            f"can stay unacknowledged on a live worker for prefetch {n} (2 × "
+            f"BEN2Q_MAX_BATCH) × hard time limit {limit:g} s (BEN2Q_JOB_TIME_LIMIT, or 4 × "
+            f"BEN2Q_WEBHOOK_TIMEOUT) + {VISIBILITY_MARGIN:g} s = {bound:g} s, and Redis "
+            "would deliver it a second time; raise BEN2Q_VISIBILITY_TIMEOUT above that, or "
+            "lower the time limits or BEN2Q_MAX_BATCH"
+        )
+
+
 def worker_config(settings: Settings) -> dict[str, Any]:
     """Worker policy on top of the shared producer/worker configuration."""
+    shared = celery_config(settings)
     return {
-        **celery_config(settings),
+        **shared,
+        # Sweep for the jobs of vanished workers often enough that they come back soon
+        # after the visibility timeout (kombu's default sweeps every 100 s).
+        "broker_transport_options": {
+            **shared["broker_transport_options"],
+            "unacked_restore_interval": restore_interval(settings),
+            "unacked_restore_throttle": 1,
+        },
         # A plain worker consumes jobs and webhook deliveries; production may split them
         # with --queues.
         "task_queues": [Queue(settings.queue), Queue(settings.webhook_queue)],
@@ -43,7 +111,7 @@ def worker_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.job_time_limit,
         "worker_concurrency": 1,
         # Enough reserved messages to fill a batch while the previous one runs.
-        "worker_prefetch_multiplier": max(2 * settings.max_batch, 1),
+        "worker_prefetch_multiplier": prefetch(settings),
         # Loading BEN2 and its warm-up forward happen before the child reports for work.
         "worker_proc_alive_timeout": 900,
         "worker_send_task_events": True,
@@ -60,7 +128,78 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = Celery("ben2q", include=["ben2q.tasks"])
     app.conf.update(worker_config(s))
     app.conf.ben2q_settings = s
+    app.steps["consumer"].add(RenewVisibility)
+    app.steps["consumer"].add(RearmBatchFlush)
     return app
+
+
+def renew_held_messages(consumer: Any) -> int:
+    """Mark every message ``consumer`` holds (prefetched, buffered or running) as delivered
+    now, so no sweep redelivers it while this worker lives; returns how many.
+
+    With the Redis transport a delivered message sits in the ``unacked_index`` sorted set,
+    scored by its delivery time, until it is acknowledged; a sweep redelivers those older
+    than the visibility timeout. ``ZADD XX`` only touches messages still there.
+    """
+    channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
+    qos = getattr(channel, "qos", None)
+    delivered = getattr(qos, "_delivered", None)
+    index = getattr(qos, "unacked_index_key", None)
+    if not delivered or not isinstance(index, str):
+        return 0  # nothing held, or not the Redis transport
+    dirty = getattr(qos, "_dirty", set())
+    tags = [tag for tag in list(delivered) if tag not in dirty]
+    if not tags:
+        return 0
+    try:
+        with channel.conn_or_acquire() as client:
+            client.zadd(index, dict.fromkeys(tags, time.time()), xx=True)
+    except Exception as exc:  # Redis away for a moment: the next round renews them
+        log.warning("could not renew the visibility of %d held jobs: %s", len(tags), exc)
+        return 0
+    return len(tags)
+
+
+class RenewVisibility(bootsteps.StartStopStep):
+    """Consumer step: renews the visibility of held messages every ``renew_interval``."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+
+    def start(self, parent: Any) -> None:
+        settings: Settings = parent.app.conf.ben2q_settings
+        self.tref = parent.timer.call_repeatedly(
+            renew_interval(settings), renew_held_messages, (parent,), priority=10
+        )
+
+    def stop(self, parent: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    shutdown = stop
+
+
+class RearmBatchFlush(bootsteps.StartStopStep):
+    """Consumer step: re-arm the periodic flush of batched tasks after a broker reconnect.
+
+    On a connection loss Celery clears the event loop's timer, and with it the flush timer
+    of each celery-batches task, which celery-batches only arms for the first message of an
+    empty buffer: jobs buffered before the loss would wait until ``flush_every`` more came.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        from celery_batches import Batches
+
+        for task in parent.app.tasks.values():
+            if isinstance(task, Batches) and task._tref is not None:
+                task._tref.cancel()
+                task._tref = parent.timer.call_repeatedly(task.flush_interval, task._do_flush)
 
 
 app = create_app()
@@ -148,6 +287,15 @@ def notify(status: Any, event: str) -> None:
         queue=settings.webhook_queue,
         ignore_result=True,
     )
+
+
+@celeryd_init.connect
+def _refuse_unsafe_delivery(**_: Any) -> None:
+    """``celery -A ben2q.worker worker`` refuses what ``ben2q worker`` refuses."""
+    try:
+        check_visibility_timeout(app.conf.ben2q_settings)
+    except ConfigurationError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 @celeryd_init.connect
