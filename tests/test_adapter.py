@@ -37,8 +37,14 @@ def test_remove_background_returns_one_rgba_image(adapter, make_image, tmp_path)
     src = make_image(90, 70, seed=3)
     path = tmp_path / "in.png"
     src.save(path)
-    for given in (str(path), path, _png(src), io.BytesIO(_png(src)), src,
-                  base64.b64encode(_png(src)).decode()):
+    for given in (
+        str(path),
+        path,
+        _png(src),
+        io.BytesIO(_png(src)),
+        src,
+        base64.b64encode(_png(src)).decode(),
+    ):
         out = adapter.remove_background(given)
         assert isinstance(out, list) and len(out) == 1
         assert out[0].mode == "RGBA" and out[0].size == (90, 70)

@@ -42,8 +42,19 @@ def test_remove_writes_rgba_pngs_and_reports_each_failure(tmp_path, make_image):
     make_image(50, 90, seed=2).save(tmp_path / "b" / "cat.png")
     (tmp_path / "bad.png").write_text("this is not a png")
     out = _run(
-        [sys.executable, "-m", "ben2q.cli", "remove", "a/cat.jpg", "bad.png", "b/cat.png",
-         "missing.jpg", "-o", "outs", "--refine"],
+        [
+            sys.executable,
+            "-m",
+            "ben2q.cli",
+            "remove",
+            "a/cat.jpg",
+            "bad.png",
+            "b/cat.png",
+            "missing.jpg",
+            "-o",
+            "outs",
+            "--refine",
+        ],
         tmp_path,
     )
     assert out.returncode == 1, out.stderr
@@ -70,12 +81,27 @@ def test_ben2q_console_script_succeeds_with_exit_zero(tmp_path, make_image):
 def test_bg_remove_single_and_batch_modes(tmp_path, make_image):
     make_image(64, 48, seed=3).save(tmp_path / "m1.jpg")
     make_image(48, 64, seed=4).save(tmp_path / "m2.jpg")
-    single = _run([sys.executable, str(ROOT / "bg_remove.py"), "--mode", "single",
-                   "--image", "m1.jpg"], tmp_path)
+    single = _run(
+        [sys.executable, str(ROOT / "bg_remove.py"), "--mode", "single", "--image", "m1.jpg"],
+        tmp_path,
+    )
     assert single.returncode == 0, single.stderr
     assert Image.open(tmp_path / "ben2_outputs" / "m1.png").size == (64, 48)
-    batch = _run([sys.executable, str(ROOT / "bg_remove.py"), "--mode", "batch", "--images",
-                  "m1.jpg", "m2.jpg", "--output_dir", "res", "--refine"], tmp_path)
+    batch = _run(
+        [
+            sys.executable,
+            str(ROOT / "bg_remove.py"),
+            "--mode",
+            "batch",
+            "--images",
+            "m1.jpg",
+            "m2.jpg",
+            "--output_dir",
+            "res",
+            "--refine",
+        ],
+        tmp_path,
+    )
     assert batch.returncode == 0, batch.stderr
     assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["m1.png", "m2.png"]
     usage = _run([sys.executable, str(ROOT / "bg_remove.py"), "--mode", "batch"], tmp_path)

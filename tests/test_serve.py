@@ -67,16 +67,31 @@ def test_ben2q_up_runs_a_job_with_file_storage(tmp_path, make_image):
     log = tmp_path / "up.log"
     up = subprocess.Popen(
         [sys.executable, "-m", "ben2q.cli", "up", "--root", str(root)],
-        env=_env(), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        env=_env(),
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
     )
     try:
         text = _wait_for(log, "BEN2 tiny ready", up)
         _wait_for(log, " ready.", up)
         url = next(w.rstrip(",") for w in text.split() if w.startswith("redis://"))
         out = subprocess.run(
-            [sys.executable, "-m", "ben2q.cli", "submit", f"file://{root}/in/photo.jpg",
-             "--output", f"file://{root}/out/", "--wait", "--broker", url],
-            env=_env(BEN2Q_LOCAL_ROOT=str(root)), capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "ben2q.cli",
+                "submit",
+                f"file://{root}/in/photo.jpg",
+                "--output",
+                f"file://{root}/out/",
+                "--wait",
+                "--broker",
+                url,
+            ],
+            env=_env(BEN2Q_LOCAL_ROOT=str(root)),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert out.returncode == 0, out.stderr
         [result] = list((root / "out").glob("*/0000-photo.png"))

@@ -83,7 +83,10 @@ def _run_offline(code: str, hf_home, extra_env=None) -> subprocess.CompletedProc
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "BEN2Q_"))}
     env.update({"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", **(extra_env or {})})
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
 
@@ -133,7 +136,9 @@ def test_cli_reports_missing_weights_in_one_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "ben2q.cli", "remove", "x.png"],
         env={**os.environ, "BEN2Q_WEIGHTS": str(tmp_path / "missing.pth")},
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
