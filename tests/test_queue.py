@@ -163,6 +163,10 @@ def test_url_input_from_a_loopback_server(stack, client, engine, make_image):
     assert status.state == "succeeded", status
     assert status.items[0].output.endswith("/0000-item.png")
     assert_alpha_matches_engine(read_output(stack, status.items[0].output), src, engine)
+    # the input's query (a presigned URL's signature, a token) is not copied beside the output
+    bucket, key = status.items[0].output.removeprefix("s3://").split("/", 1)
+    head = stack["s3"].head_object(Bucket=bucket, Key=key)
+    assert head["Metadata"]["source"] == url.split("?")[0]
 
 
 def test_several_single_jobs_share_a_forward_pass(stack, client, make_image):

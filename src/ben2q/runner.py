@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import numpy as np
 from PIL import Image
@@ -35,6 +35,17 @@ from .status import StatusStore
 from .storage import Storage
 
 log = logging.getLogger(__name__)
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` without credentials, query or fragment: what may be stored beside an output
+    (a presigned URL's signature, or a token in its query, must not be copied around)."""
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @dataclass
@@ -257,6 +268,10 @@ class JobRunner:
         except BEN2QError as exc:
             self._item_error(item, exc)
             return None
+        except Exception as exc:  # a decoder or storage bug: fail the item, not the run
+            log.exception("input of job %s item %d failed", item.run.request.id, item.index)
+            self._item_error(item, BEN2QError(f"{type(exc).__name__}: {exc}"))
+            return None
 
     def _upload(self, item: _Item, pred: Prediction) -> None:
         request, record = item.run.request, item.run.status.items[item.index]
@@ -264,7 +279,7 @@ class JobRunner:
         meta = {
             "job-id": request.id,
             "item": str(item.index),
-            "source": quote(request.inputs[item.index], safe=":/?=&"),
+            "source": quote(public_uri(request.inputs[item.index]), safe=":/"),
         }
         target = output_uri(request, item.index)
         self.storage.write(
