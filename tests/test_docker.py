@@ -209,6 +209,15 @@ def test_workers_consume_their_queues_and_answer_health_checks_by_name(services)
     assert services["worker-cpu"]["environment"]["BEN2Q_DEVICE"] == "cpu"
 
 
+def test_the_webhooks_service_gets_no_storage_credentials(compose, services):
+    """Least privilege: delivering webhooks needs the broker and the signing secret only."""
+    env = services["webhooks"]["environment"]
+    assert set(env) == {"BEN2Q_BROKER_URL", "BEN2Q_WEBHOOK_SECRET", "BEN2Q_WORKER_HOSTNAME"}
+    assert env["BEN2Q_WEBHOOK_SECRET"] == compose["x-ben2q-env"]["BEN2Q_WEBHOOK_SECRET"]
+    for name in GPU_WORKERS | {"worker-cpu"}:  # model workers do read and write storage
+        assert "AWS_SECRET_ACCESS_KEY" in services[name]["environment"], name
+
+
 def test_redis_is_append_only_and_health_checked(services):
     redis = services["redis"]
     assert redis["image"] == "redis:7-alpine"
@@ -263,7 +272,7 @@ def test_the_env_anchor_points_at_the_compose_services(compose, services, stages
     for name in BEN2Q_SERVICES:
         service_env = services[name]["environment"]
         assert service_env["BEN2Q_BROKER_URL"] == env["BEN2Q_BROKER_URL"], name
-        if name in WORKERS:
+        if name in WORKERS - {"webhooks"}:  # the webhooks service: see the next test
             assert {k: service_env[k] for k in env} == env, name
     assert services["flower"]["environment"]["BEN2Q_FLOWER_BASIC_AUTH"].startswith(
         "${BEN2Q_FLOWER_BASIC_AUTH:?"
