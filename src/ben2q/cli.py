@@ -79,7 +79,7 @@ def run_remove(inputs: Sequence[str], *, output_dir: Path, refine: bool, setting
     from tqdm import tqdm
 
     from .engine import Engine
-    from .imageio import load_image
+    from .imageio import PNG_SAVE_OPTIONS, load_image
 
     if not inputs:
         print("error: no input images given", file=sys.stderr)
@@ -106,7 +106,7 @@ def run_remove(inputs: Sequence[str], *, output_dir: Path, refine: bool, setting
             continue
         outputs = engine.remove_background([img for _, img in loaded], refine=refine)
         for (i, _), out in zip(loaded, outputs, strict=True):
-            out.save(targets[i], format="PNG")
+            out.save(targets[i], format="PNG", **PNG_SAVE_OPTIONS)
             bar.update(1)
     bar.close()
     done = len(inputs) - failed

@@ -28,7 +28,7 @@ from PIL import Image
 from .config import Settings
 from .engine import Engine, Prediction
 from .errors import BEN2QError, ImageTooLarge, JobTimeout, StorageError
-from .imageio import decode_image
+from .imageio import PNG_SAVE_OPTIONS, decode_image
 from .jobs import CONTENT_TYPES, ErrorInfo, JobRequest, JobStatus, mask_uri, output_uri
 from .metrics import MetricsRecorder
 from .status import StatusStore
@@ -70,20 +70,20 @@ class _Item:
 
 
 def encode_output(prediction: Prediction, fmt: str) -> bytes:
-    """RGBA PNG (fast zlib level) or lossless WebP."""
+    """RGBA PNG (fast deflate) or lossless WebP."""
     buf = io.BytesIO()
     image = prediction.to_image()
     if fmt == "webp":
         # exact: keep the colours under transparent pixels (libwebp would drop them)
         image.save(buf, format="WEBP", lossless=True, exact=True, quality=50, method=2)
     else:
-        image.save(buf, format="PNG", compress_level=3)
+        image.save(buf, format="PNG", **PNG_SAVE_OPTIONS)
     return buf.getvalue()
 
 
 def encode_mask(alpha: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(alpha, mode="L").save(buf, format="PNG", compress_level=3)
+    Image.fromarray(alpha, mode="L").save(buf, format="PNG", **PNG_SAVE_OPTIONS)
     return buf.getvalue()
 
 
