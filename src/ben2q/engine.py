@@ -28,6 +28,7 @@ from torch import Tensor
 from .config import Precision, Settings, get_settings
 from .errors import InvalidImage
 from .model import BEN2, build_model, deterministic_state_dict, get_spec, load_weights
+from .model.alloc import keep_freed_memory as keep_freed_memory_
 from .model.specs import ModelSpec
 from .model.weights import resolve_checkpoint
 from .refine import refine_foreground_tensor
@@ -77,9 +78,15 @@ class Engine:
         device: str | torch.device | None = None,
         precision: Precision = "auto",
         max_batch: int = 4,
+        keep_freed_memory: bool = False,
     ) -> None:
+        """``keep_freed_memory``: tell glibc malloc, process-wide, to keep freed memory for
+        reuse (see ``ben2q.model.alloc``): CPU forwards then stop paying for page faults on
+        their large temporaries, at the price of a higher resident peak."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if keep_freed_memory:
+            keep_freed_memory_()
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
         self.max_batch = max_batch
@@ -97,6 +104,7 @@ class Engine:
         device: str | torch.device | None = None,
         precision: Precision | None = None,
         max_batch: int | None = None,
+        keep_freed_memory: bool | None = None,
         settings: Settings | None = None,
     ) -> Engine:
         """Build the network and load its weights; arguments override ``settings``.
@@ -125,6 +133,9 @@ class Engine:
             device=device if device is not None else s.device,
             precision=precision or s.precision,
             max_batch=max_batch or s.max_batch,
+            keep_freed_memory=(
+                keep_freed_memory if keep_freed_memory is not None else s.keep_freed_memory
+            ),
         )
 
     # --- stages ------------------------------------------------------------------------

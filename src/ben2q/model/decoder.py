@@ -72,18 +72,20 @@ class CrossAttention(nn.Module):
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3)
         q, k, v = F.linear(q, wq, bq), F.linear(k, wk, bk), F.linear(v, wv, bv)
-        heads = self.num_heads
-        if heads > 1:
-            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(-2, -3) for t in (q, k, v))
+        # Always (..., heads, L, head_dim), also for one head: SDPA's fused CPU kernel wants
+        # 4-D inputs; 3-D ones go to the unfused math kernel (an (Lq, Lk) matrix in memory).
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(-2, -3) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
-        if heads > 1:
-            out = out.transpose(-2, -3).flatten(-2)
-        return self.out_proj(out)
+        return self.out_proj(out.transpose(-2, -3).flatten(-2))
 
 
 def _ffn(x: Tensor, up: nn.Linear, down: nn.Linear) -> Tensor:
-    """Linear -> GELU -> Linear; the modules stay attributes of their block (checkpoint names)."""
-    return down(F.gelu(up(x)))
+    """Linear -> GELU -> Linear; the modules stay attributes of their block (checkpoint names).
+
+    In inference the GELU overwrites the hidden activations instead of allocating a copy."""
+    h = up(x)
+    h = torch.ops.aten.gelu_(h) if not (torch.is_grad_enabled() and h.requires_grad) else F.gelu(h)
+    return down(h)
 
 
 class MCLM(nn.Module):
