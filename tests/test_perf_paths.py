@@ -247,3 +247,118 @@ def test_tiny_network_in_bf16_autocast_is_close_to_float32():
             fast = model(x).float()
     assert fast.shape == ref.shape == (2, 1, 512, 512)
     assert (fast - ref).abs().max() < 0.05
+
+
+# --- oneDNN linear, sub-pixel upsampling convolution, reduced-precision attention ---------
+
+
+def _packed_linear(seed: int = 0):
+    from ben2q.model.kernels import Linear
+
+    torch.manual_seed(seed)
+    lin = Linear(24, 40)
+    lin.pack_weights()
+    return lin
+
+
+@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24), (2, 3, 4, 24)])
+def test_packed_linear_equals_f_linear(shape):
+    lin = _packed_linear()
+    x = torch.randn(*shape)
+    plain = F.linear(x, lin.weight, lin.bias)
+    with torch.inference_mode():
+        fast, fast_gelu = lin(x), lin(x, gelu=True)
+    assert lin._pack._packed is not None  # the oneDNN path was taken
+    assert fast.shape == plain.shape
+    assert (fast - plain).abs().max() < 1e-5
+    assert (fast_gelu - F.gelu(plain)).abs().max() < 1e-5
+
+
+def test_packed_weight_follows_the_weights():
+    """A reordered copy must never outlive the weight it was made from."""
+    lin = _packed_linear()
+    x = torch.randn(5, 24)
+    with torch.inference_mode():
+        lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # in place: seen by the version counter
+    with torch.inference_mode():
+        assert (lin(x) - F.linear(x, lin.weight, lin.bias)).abs().max() < 1e-5
+    other = _packed_linear(seed=1)
+    lin.load_state_dict(other.state_dict())  # new values copied in place
+    with torch.inference_mode():
+        assert (lin(x) - F.linear(x, other.weight, other.bias)).abs().max() < 1e-5
+    lin.to(torch.float64)  # a new storage, and another dtype: the plain path
+    assert lin._pack._packed is None
+    with torch.inference_mode():
+        y = lin(x.double())
+    assert y.dtype == torch.float64 and lin._pack._packed is None
+
+
+def test_packed_linear_keeps_autograd_and_autocast_on_the_plain_path():
+    lin = _packed_linear()
+    x = torch.randn(4, 24, requires_grad=True)
+    y = lin(x, gelu=True)
+    y.sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+    assert lin._pack._packed is None  # autograd never used the packed copy
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x.detach()).dtype == torch.bfloat16
+
+
+def test_engine_packs_only_for_float32_on_the_cpu():
+    from ben2q.engine import Engine
+    from ben2q.model.kernels import Linear
+
+    def packed(engine):
+        return {m._pack is not None for m in engine.model.modules() if isinstance(m, Linear)}
+
+    model = build_model("tiny")
+    assert packed(Engine(model, device="cpu", precision="float32")) == {True}
+    assert packed(Engine(build_model("tiny"), device="cpu", precision="bfloat16")) == {False}
+
+
+@pytest.mark.parametrize("size", [(4, 4), (3, 5), (1, 1), (6, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample2_conv_equals_conv_of_the_upsampled_map(size, channels_last):
+    from ben2q.model.network import upsample2_conv3x3
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 7, 3, padding=1)
+    x = torch.randn(2, 5, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    got = upsample2_conv3x3(conv, x)
+    assert got.shape == expected.shape == (2, 7, 2 * size[0], 2 * size[1])
+    assert (got - expected).abs().max() < 1e-5
+    nhwc = got.is_contiguous(memory_format=torch.channels_last)
+    assert nhwc == (channels_last and size != (1, 1))
+    got.sum().backward()  # differentiable: the weights get the gradient of the plain form
+    plain_grad = torch.autograd.grad(expected.sum(), conv.weight)[0]
+    assert torch.allclose(conv.weight.grad, plain_grad, atol=1e-4)
+
+
+def test_up_conv_norm_act_equals_upsample_then_conv_norm_act():
+    from ben2q.model.network import ConvNormAct, UpConvNormAct
+
+    torch.manual_seed(0)
+    up, plain = UpConvNormAct(6, 8).eval(), ConvNormAct(6, 8).eval()
+    plain.load_state_dict(up.state_dict())
+    x = torch.randn(2, 6, 9, 7)
+    with torch.inference_mode():
+        got = up(x)
+        expected = plain[2](plain[1](plain[0](F.interpolate(x, scale_factor=2.0))))
+    assert (got - expected).abs().max() < 1e-5
+
+
+def test_reduced_precision_attention_matches_sdpa():
+    from ben2q.model.kernels import attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 1, 1300, 32), torch.randn(2, 1, 700, 32), torch.randn(2, 1, 700, 32)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(attention(q, k, v), expected)  # float32: SDPA itself
+    got = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), chunk=512)  # 3 blocks, last short
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    assert (got.float() - expected).abs().max() < 0.02

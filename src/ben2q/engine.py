@@ -91,6 +91,7 @@ class Engine:
         self.dtype = resolve_precision(precision, self.device)
         self.max_batch = max_batch
         self.model = model.eval().requires_grad_(False).to(self.device)
+        self.model.pack_weights(self.device.type == "cpu" and self.dtype == torch.float32)
         self.spec: ModelSpec = model.spec
         self._mean = torch.tensor(_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(_STD, device=self.device).view(1, 3, 1, 1)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import Linear, PackedWeight, attention, linear
+
 
 def views_to_image(loc: Tensor) -> Tensor:
     """(4, B, C, h, w) quarter patches -> (B, C, 2h, 2w) image."""
@@ -64,28 +66,40 @@ class CrossAttention(nn.Module):
         self.num_heads = num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
+        self._packs: tuple[PackedWeight, ...] | None = None
+
+    def pack_weights(self, enabled: bool = True) -> None:
+        """Packed copies of the q, k and v projections (see ``kernels``)."""
+        self._packs = tuple(PackedWeight() for _ in range(3)) if enabled else None
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        for pack in self._packs or ():
+            pack.clear()
+        return super()._apply(fn, recurse)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: (..., Lq, C), k and v: (..., Lk, C) -> (..., Lq, C)."""
-        wq, wk, wv = self.in_proj_weight.chunk(3)
-        bq, bk, bv = self.in_proj_bias.chunk(3)
-        q, k, v = F.linear(q, wq, bq), F.linear(k, wk, bk), F.linear(v, wv, bv)
+        weights = self.in_proj_weight.chunk(3)
+        biases = self.in_proj_bias.chunk(3)
+        packs = self._packs or (None, None, None)
+        q, k, v = (
+            linear(t, w, b, pack)
+            for t, w, b, pack in zip((q, k, v), weights, biases, packs, strict=True)
+        )
         # Always (..., heads, L, head_dim), also for one head: SDPA's fused CPU kernel wants
         # 4-D inputs; 3-D ones go to the unfused math kernel (an (Lq, Lk) matrix in memory).
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(-2, -3) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.out_proj(out.transpose(-2, -3).flatten(-2))
 
 
-def _ffn(x: Tensor, up: nn.Linear, down: nn.Linear) -> Tensor:
+def _ffn(x: Tensor, up: Linear, down: Linear) -> Tensor:
     """Linear -> GELU -> Linear; the modules stay attributes of their block (checkpoint names).
 
-    In inference the GELU overwrites the hidden activations instead of allocating a copy."""
-    h = up(x)
-    h = torch.ops.aten.gelu_(h) if not (torch.is_grad_enabled() and h.requires_grad) else F.gelu(h)
-    return down(h)
+    GELU is fused into ``up`` (or applied in place): no second hidden-size buffer."""
+    return down(up(x, gelu=True))
 
 
 class MCLM(nn.Module):
@@ -101,10 +115,10 @@ class MCLM(nn.Module):
         self.attention = nn.ModuleList(
             CrossAttention(dim=dim, num_heads=num_heads) for _ in range(5)
         )
-        self.linear1 = nn.Linear(dim, dim * 2)
-        self.linear2 = nn.Linear(dim * 2, dim)
-        self.linear3 = nn.Linear(dim, dim * 2)
-        self.linear4 = nn.Linear(dim * 2, dim)
+        self.linear1 = Linear(dim, dim * 2)
+        self.linear2 = Linear(dim * 2, dim)
+        self.linear3 = Linear(dim, dim * 2)
+        self.linear4 = Linear(dim * 2, dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self._pos_cache: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor]] = {}
@@ -165,8 +179,8 @@ class MCRM(nn.Module):
         self.attention = nn.ModuleList(
             CrossAttention(dim=dim, num_heads=num_heads) for _ in range(4)
         )
-        self.linear3 = nn.Linear(dim, dim * 2)
-        self.linear4 = nn.Linear(dim * 2, dim)
+        self.linear3 = Linear(dim, dim * 2)
+        self.linear4 = Linear(dim * 2, dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.sal_conv = nn.Conv2d(dim, 1, 1)

@@ -13,14 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .decoder import MCLM, MCRM, image_to_views, views_to_image
 from .specs import ModelSpec, get_spec
 from .swin import SwinBackbone
-
-
-def _in_place(x: Tensor) -> bool:
-    """Whether ``x`` may be overwritten: no autograd graph to keep intact."""
-    return not (torch.is_grad_enabled() and x.requires_grad)
 
 
 def instance_norm_gelu_(x: Tensor, *, eps: float) -> Tensor:
@@ -69,16 +65,22 @@ def _cpu_reduced_precision(x: Tensor) -> torch.dtype | None:
     return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else None
 
 
-def conv2d(conv: nn.Module, x: Tensor) -> Tensor:
-    """``conv(x)``; in reduced precision on the CPU, in channels-last memory layout.
+def channels_last_on_cpu(x: Tensor) -> Tensor:
+    """``x`` in channels-last (NHWC) memory layout on the CPU; unchanged elsewhere.
 
-    oneDNN runs bf16 convolutions natively on channels-last (NHWC) data; on NCHW input it
-    reorders to and from its blocked layout, which made the full-size bf16 convolutions
-    5-12x slower (measured: 3→128 channels at 1024², 1.2 s vs 0.1 s). The output stays
-    channels-last (converting it back cost as much as the convolution); everything after it
-    accepts either layout. In float32 the plain layout stays: its gain was eaten by the
-    layout conversions, and the conforming path is left as it was.
+    oneDNN runs CPU convolutions natively on NHWC data; on NCHW input it reorders to and from
+    its blocked layout around every call. Measured on the full-size head (2 cores): float32
+    128→128 channels at 1024² 2.09 s NCHW vs 1.67 s NHWC, the whole head from the mask head
+    on 5.6 s vs 4.5 s; bf16 convolutions were 5-12x slower on NCHW. Convolution outputs keep
+    the layout of their input, and so do the norms, activations and resizes after them, so
+    the head converts once, where it starts.
     """
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
+def conv2d(conv: nn.Module, x: Tensor) -> Tensor:
+    """``conv(x)``; in reduced precision on the CPU, in channels-last layout (see
+    ``channels_last_on_cpu``)."""
     dtype = _cpu_reduced_precision(x)
     if dtype is None:
         return conv(x)
@@ -87,9 +89,65 @@ def conv2d(conv: nn.Module, x: Tensor) -> Tensor:
 
 def _conv_norm_act(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
     y = conv2d(conv, x)
-    if _in_place(y) and (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
+    layout_ok = y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)
+    if kernels.inference(y) and layout_ok:
         return instance_norm_gelu_(y, eps=norm.eps)
     return F.gelu(norm(y))
+
+
+def _phase_taps(w: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The 3 taps of ``w`` along ``dim`` folded onto the 2 low-resolution rows (columns) that
+    output pixels of even and of odd rows (columns) of a 2× nearest upsampling see."""
+    t0, t1, t2 = w.unbind(dim)
+    return torch.stack((t0, t1 + t2), dim), torch.stack((t0 + t1, t2), dim)
+
+
+def upsample2_conv3x3(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(nearest_upsample_2x(x))`` (3×3 kernel, padding 1) without the upsampled map:
+    (B, C, H, W) -> (B, C_out, 2H, 2W).
+
+    Each output pixel of phase (a, b) (row parity a, column parity b) sees a 2×2
+    neighbourhood of ``x``, so the convolution is four 2×2 convolutions at the input's
+    resolution whose weights are sums of the 3×3 taps: one call with 4·C_out output
+    channels, 16/36 of the multiply-adds, then one interleaving copy into the output. The
+    same function as upsampling then convolving, up to float rounding of the summed weights.
+    """
+    b, _, h, w = x.shape
+    cout = conv.out_channels
+    # (4·C_out, C_in, 2, 2): the 2×2 kernels of phases (0, 0), (0, 1), (1, 0), (1, 1)
+    weight = torch.cat([t for rows in _phase_taps(conv.weight, 2) for t in _phase_taps(rows, 3)])
+    bias = conv.bias.repeat(4) if conv.bias is not None else None
+    y = F.conv2d(x, weight, bias, padding=1)  # (B, 4·C_out, H+1, W+1)
+    out = torch.empty(
+        (b, cout, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=_layout(y)
+    )
+    out6 = out.permute(0, 2, 3, 1).view(b, h, 2, w, 2, cout)
+    y6 = y.permute(0, 2, 3, 1).unflatten(-1, (2, 2, cout))  # (B, H+1, W+1, 2, 2, C)
+    for pa in (0, 1):
+        for pb in (0, 1):
+            out6[:, :, pa, :, pb].copy_(y6[:, pa : pa + h, pb : pb + w, pa, pb])
+    return out
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class UpConvNormAct(ConvNormAct):
+    """``ConvNormAct`` of the 2× nearest-upsampled input (see ``upsample2_conv3x3``):
+    (B, C, H, W) -> (B, C_out, 2H, 2W); the same parameters as ``ConvNormAct``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, norm = self[0], self[1]
+        dtype = _cpu_reduced_precision(x)
+        if dtype is not None:
+            x = x.to(dtype=dtype, memory_format=torch.channels_last)
+        y = upsample2_conv3x3(conv, x)
+        if kernels.inference(y):
+            return instance_norm_gelu_(y, eps=norm.eps)
+        return F.gelu(norm(y))
 
 
 class Conv3x3(nn.Sequential):
@@ -167,8 +225,8 @@ class BEN2(nn.Module):
         self.dec_blk4 = MCRM(dim=d, num_heads=heads, pool_ratios=spec.mcrm_pool_ratios)
         self.insmask_head = MaskHead(d, spec.head_dim)
         self.shallow = Conv3x3(3, d)
-        self.upsample1 = ConvNormAct(d, d)
-        self.upsample2 = ConvNormAct(d, d)
+        self.upsample1 = UpConvNormAct(d, d)  # of the 2× upsampled map
+        self.upsample2 = UpConvNormAct(d, d)
         self.output = Conv3x3(d, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -188,17 +246,23 @@ class BEN2(nn.Module):
         del f0, f1, f2, f3, f4, e2, e3, e4, e5
 
         # The full-size maps (B, d, S, S) dominate the memory: the shallow feature is computed
-        # only now and dropped once resized, and the norms and activations work in place.
-        shallow = self.shallow(x)
-        out = views_to_image(e1[:4])  # (B, d, S/4, S/4)
+        # only now and dropped once resized, and the norms and activations work in place; on the CPU
+        # the head runs in channels-last layout.
+        shallow = self.shallow(channels_last_on_cpu(x))
+        out = channels_last_on_cpu(views_to_image(e1[:4]))  # (B, d, S/4, S/4)
         out = self.insmask_head(out + _resize(e1[4], out))
         del e1
         out = out + _resize(shallow, out)
-        out = self.upsample1(_upsample2(out))
+        out = self.upsample1(out)  # (B, d, S/2, S/2)
         out = out + _resize(shallow, out)
         del shallow
-        out = self.upsample2(_upsample2(out))
+        out = self.upsample2(out)  # (B, d, S, S)
         return torch.sigmoid(self.output(out))
+
+    def pack_weights(self, enabled: bool = True) -> None:
+        """Run float32 CPU inference with oneDNN-reordered copies of the linear weights
+        (see ``kernels``): faster, at the cost of those weights' size again in memory."""
+        kernels.pack_weights(self, enabled)
 
     @staticmethod
     def _refine(block: MCRM, conv: nn.Module, lateral: Tensor, coarser: Tensor, b: int) -> Tensor:

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import Linear
+
 # Additive mask value between tokens of different regions of a shifted window; the published
 # model was trained with -100 (not -inf), and exp(-100) is not exactly zero, so keep it.
 _REGION_MASK_VALUE = -100.0
@@ -224,19 +226,13 @@ class Mlp(nn.Module):
 
     def __init__(self, *, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)
-        # In inference the GELU overwrites its input: one (tokens, 4C) buffer fewer per block.
-        h = (
-            torch.ops.aten.gelu_(h)
-            if not (torch.is_grad_enabled() and h.requires_grad)
-            else self.act(h)
-        )
-        return self.fc2(h)
+        # GELU fused into fc1 (packed CPU path) or in place: no second (tokens, 4C) buffer.
+        return self.fc2(self.fc1(x, gelu=True))
 
 
 class WindowAttention(nn.Module):
@@ -252,8 +248,8 @@ class WindowAttention(nn.Module):
         # Part of the published checkpoint, hence persistent; it is a pure function of the
         # window size and is checked against our own on load.
         self.register_buffer("relative_position_index", relative_position_index(window))
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3)
+        self.proj = Linear(dim, dim)
         # The latest masks (one per window group), see ``masks``; not state.
         self._mask_cache: tuple[tuple, list[Tensor]] | None = None
 
@@ -349,7 +345,7 @@ class PatchMerging(nn.Module):
 
     def __init__(self, *, dim: int) -> None:
         super().__init__()
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim)
 
     def forward(self, x: Tensor) -> Tensor:
