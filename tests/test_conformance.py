@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 def engine():
     model = build_model("base")
     model.load_state_dict(deterministic_state_dict(model), strict=True)
-    return Engine(model, device="cpu", precision="float32", max_batch=4)
+    # forward_batch=4: the network itself runs the batch of four (the CPU default is 1)
+    return Engine(model, device="cpu", precision="float32", max_batch=4, forward_batch=4)
 
 
 def _rgb(fixtures, name):

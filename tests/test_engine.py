@@ -88,3 +88,16 @@ def test_preprocess_rejects_non_rgb_and_warmup_runs(tiny_engine):
     assert tiny_engine.warmup() > 0
     with pytest.raises(ValueError):
         Engine(tiny_engine.model, max_batch=0)
+
+
+def test_cpu_forwards_one_image_at_a_time_by_default_with_the_same_result(tiny_engine):
+
+    assert tiny_engine.forward_batch == 1  # CPU default
+    stacked = Engine(tiny_engine.model, device="cpu", max_batch=3, forward_batch=3)
+    assert stacked.forward_batch == 3
+    batch = torch.randint(0, 256, (3, 3, 512, 512), dtype=torch.uint8)
+    one_by_one, together = tiny_engine.forward(batch), stacked.forward(batch)
+    assert one_by_one.shape == together.shape == (3, 1, 512, 512)
+    assert (one_by_one - together).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="forward_batch"):
+        Engine(tiny_engine.model, device="cpu", forward_batch=0)
