@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import Linear
+from .kernels import Linear, inference
 
 # Additive mask value between tokens of different regions of a shifted window; the published
 # model was trained with -100 (not -inf), and exp(-100) is not exactly zero, so keep it.
@@ -205,7 +205,7 @@ def merge_windows_add(
     """
     b, h, w, c = x.shape
     hp, wp = groups[-1].rows.stop, groups[-1].cols.stop
-    fused = not (torch.is_grad_enabled() and (x.requires_grad or parts[0].requires_grad))
+    fused = inference(x, parts[0])
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     for g, part in zip(groups, parts, strict=True):
         gh = (g.rows.stop - g.rows.start) // window
@@ -267,7 +267,7 @@ class WindowAttention(nn.Module):
         update of the table recompute it (``_load_from_state_dict`` also drops it).
         """
         table = self.relative_position_bias_table
-        if (torch.is_grad_enabled() and table.requires_grad) or table.is_inference():
+        if not inference(table) or table.is_inference():
             # Autograd must see the bias; a table created in inference mode has no version
             # counter to notice in-place updates by.
             return self._build_masks(groups, dtype)
