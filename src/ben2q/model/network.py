@@ -184,10 +184,6 @@ def _resize(x: Tensor, like: Tensor) -> Tensor:
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def _upsample2(x: Tensor) -> Tensor:
-    return F.interpolate(x, scale_factor=2.0, mode="nearest")
-
-
 class BEN2(nn.Module):
     """Background Erase Network 2. ``forward`` maps a normalised (B, 3, S, S) batch to the
     (B, 1, S, S) foreground probability."""
