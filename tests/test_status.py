@@ -269,14 +269,21 @@ def test_cancel_wakes_up_an_event_stream(store, raw):
     status = new_status()
     store.create(status)
 
+    first_read = threading.Event()
+
     def cancel_later() -> None:
-        wait_subscribed(raw, status.id)
+        # after the stream's first read (subscribed before it): a cancel in between would
+        # already show in that read
+        first_read.wait(5)
         store.request_cancel(status.id)
 
     thread = threading.Thread(target=cancel_later, daemon=True)
     thread.start()
     started = time.monotonic()
-    states = [s.state for s in store.events(status.id, timeout=5)]
+    states = []
+    for update in store.events(status.id, timeout=5):
+        states.append(update.state)
+        first_read.set()
     thread.join(5)  # before the fixture closes the store under its feet
     assert states == ["queued", "cancelled"]
     assert time.monotonic() - started < 0.9
@@ -347,17 +354,22 @@ def test_store_survives_a_redis_restart(tmp_path):
         seen: list[JobStatus] = []
         errors: list[BaseException] = []
 
+        first_read = threading.Event()
+
         def follow() -> None:
             try:
-                seen.extend(store.events(status.id, timeout=30))
+                for update in store.events(status.id, timeout=30):
+                    seen.append(update)
+                    first_read.set()
             except BaseException as exc:  # reported below
                 errors.append(exc)
+                first_read.set()
 
         follower = threading.Thread(target=follow, daemon=True)
         follower.start()
-        raw = redis.Redis.from_url(server.url)
-        wait_subscribed(raw, status.id)
-        raw.close()
+        # the first update only after the follower read the record (it subscribes before),
+        # or that read could already show it
+        assert first_read.wait(10)
         store.save(running)
         time.sleep(0.2)
 
