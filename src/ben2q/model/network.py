@@ -78,21 +78,30 @@ def channels_last_on_cpu(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
-def conv2d(conv: nn.Module, x: Tensor) -> Tensor:
-    """``conv(x)``; in reduced precision on the CPU, in channels-last layout (see
-    ``channels_last_on_cpu``)."""
+def _conv_input(x: Tensor) -> Tensor:
+    """A convolution's input: in reduced precision on the CPU, cast and channels-last (see
+    ``channels_last_on_cpu``); otherwise as it is."""
     dtype = _cpu_reduced_precision(x)
     if dtype is None:
-        return conv(x)
-    return conv(x.to(dtype=dtype, memory_format=torch.channels_last))
+        return x
+    return x.to(dtype=dtype, memory_format=torch.channels_last)
 
 
-def _conv_norm_act(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
-    y = conv2d(conv, x)
+def conv2d(conv: nn.Module, x: Tensor) -> Tensor:
+    """``conv(x)`` with the input laid out for the CPU's reduced-precision kernels."""
+    return conv(_conv_input(x))
+
+
+def _norm_act(norm: nn.Module, y: Tensor) -> Tensor:
+    """GELU(InstanceNorm(y)): in place in inference, the modules' own formula otherwise."""
     layout_ok = y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)
     if kernels.inference(y) and layout_ok:
         return instance_norm_gelu_(y, eps=norm.eps)
     return F.gelu(norm(y))
+
+
+def _conv_norm_act(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
+    return _norm_act(norm, conv2d(conv, x))
 
 
 def _phase_taps(w: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -140,14 +149,7 @@ class UpConvNormAct(ConvNormAct):
     (B, C, H, W) -> (B, C_out, 2H, 2W); the same parameters as ``ConvNormAct``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        conv, norm = self[0], self[1]
-        dtype = _cpu_reduced_precision(x)
-        if dtype is not None:
-            x = x.to(dtype=dtype, memory_format=torch.channels_last)
-        y = upsample2_conv3x3(conv, x)
-        if kernels.inference(y):
-            return instance_norm_gelu_(y, eps=norm.eps)
-        return F.gelu(norm(y))
+        return _norm_act(self[1], upsample2_conv3x3(self[0], _conv_input(x)))
 
 
 class Conv3x3(nn.Sequential):
