@@ -6,7 +6,8 @@
 Starts its own redis-server and S3 server (moto) on loopback and real ``ben2q worker``
 processes (tiny spec, CPU). Reports, in one run:
 - latency of lone single-image jobs (submit -> final status seen by the producer), p50/p99,
-  and the same minus the engine time of that image (the queue's overhead);
+  and the same minus the engine time of that job (its worker's ``infer_ms``): the queue's
+  overhead, split into queue wait, read + decode, encode + write and the rest;
 - jobs/s for N single-image jobs submitted at once, with cross-job batching
   (``BEN2Q_MAX_BATCH=4``) and without it (``=1``), and for one batch job of N inputs;
 - the baseline: a direct engine loop (one ``Engine.predict`` per image) over the same
@@ -138,18 +139,37 @@ def main() -> None:
         worker = start_worker(env, tmp / f"worker{max_batch}.log", f"b{max_batch}")
         client = Client(settings=Settings(**{"broker_url": redis.url, "max_batch": max_batch}))
         if max_batch == 4:
-            # lone jobs: latency and overhead over the engine time
-            lat = []
+            # lone jobs: latency and overhead over the engine time (the job's own engine
+            # pass as its worker timed it: infer_ms), and where the overhead went
+            lat, parts = [], {k: [] for k in ("over", "wait", "fetch", "store", "rest")}
             for i in range(args.latency_jobs):
                 t = time.perf_counter()
-                st = client.wait(client.submit(uris[i], output="s3://bench-out/lat/"), timeout=120)
-                lat.append(time.perf_counter() - t)
+                job = client.submit(uris[i % len(uris)], output="s3://bench-out/lat/")
+                st = client.wait(job, timeout=120)
+                ms = (time.perf_counter() - t) * 1000
                 assert st.state == "succeeded", st
-            over = [x - engine_p50 for x in lat]
+                item = st.items[0]
+                lat.append(ms)
+                parts["over"].append(ms - item.infer_ms)
+                parts["wait"].append(st.queue_wait_ms)
+                parts["fetch"].append(item.fetch_ms)
+                parts["store"].append(item.store_ms)
+                parts["rest"].append(
+                    ms - item.infer_ms - st.queue_wait_ms - item.fetch_ms - item.store_ms
+                )
+            over_direct = [x - engine_p50 * 1000 for x in lat]
             print(
-                f"lone job latency       p50 {pct(lat, 50) * 1000:7.1f} ms  p99 "
-                f"{pct(lat, 99) * 1000:7.1f} ms; minus engine time: p50 "
-                f"{pct(over, 50) * 1000:6.1f} ms  p99 {pct(over, 99) * 1000:6.1f} ms"
+                f"lone job latency       p50 {pct(lat, 50):7.1f} ms  p99 {pct(lat, 99):7.1f} ms"
+                f"; minus its engine time: p50 {pct(parts['over'], 50):6.1f} ms"
+                f"  p99 {pct(parts['over'], 99):6.1f} ms"
+                f" (minus the direct loop's p50: {pct(over_direct, 50):6.1f} ms)"
+            )
+            print(
+                "  overhead p50 by part: queue wait {:.1f} ms, read+decode {:.1f} ms, "
+                "encode+write {:.1f} ms, the rest (submit, status records, "
+                "notification) {:.1f} ms".format(
+                    *(pct(parts[k], 50) for k in ("wait", "fetch", "store", "rest"))
+                )
             )
         t = time.perf_counter()
         jobs = [client.submit(u, output=f"s3://bench-out/{max_batch}/") for u in uris]

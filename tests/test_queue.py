@@ -130,6 +130,12 @@ def test_a_bad_item_fails_alone(stack, client, make_image):
     assert status.items[0].state == "succeeded"
     assert read_output(stack, status.items[0].output).mode == "RGBA"
     assert status.items[1].output is None
+    # where the time went: the good item has every stage, inside its own duration
+    good_item = status.items[0]
+    stages = (good_item.fetch_ms, good_item.infer_ms, good_item.store_ms)
+    assert all(v is not None and v > 0 for v in stages)
+    assert sum(stages) <= good_item.duration_ms
+    assert status.items[1].infer_ms is None and status.items[1].store_ms is None
     # the worker survived and serves the next job
     again = client.wait(client.submit(good, output="s3://outputs/run3b/"), timeout=60)
     assert again.state == "succeeded"
@@ -148,6 +154,26 @@ class _ImageHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def test_a_batch_window_holds_a_job_for_companions(stack, make_image, tmp_path):
+    """With BEN2Q_BATCH_WINDOW_MS set, jobs reaching an idle worker within the window share
+    one pass (without it, the first would run alone: the test above)."""
+    env = {**stack["env"], "BEN2Q_BATCH_WINDOW_MS": "1000", "BEN2Q_QUEUE": "windowed"}
+    worker = Worker(env, tmp_path / "windowed.log", "windowed")
+    try:
+        uris = [
+            put(stack, f"window/{i}.png", png_bytes(make_image(50, 50, seed=60 + i)))
+            for i in range(2)
+        ]
+        with Client(settings=settings_of(env)) as client:
+            jobs = [client.submit(u, output="s3://outputs/window/") for u in uris]
+            statuses = [client.wait(j, timeout=60) for j in jobs]
+        assert [s.state for s in statuses] == ["succeeded", "succeeded"]
+        assert [s.items[0].batch_size for s in statuses] == [2, 2]
+        assert all(s.queue_wait_ms < 10_000 for s in statuses)
+    finally:
+        worker.stop()
 
 
 def test_url_input_from_a_loopback_server(stack, client, engine, make_image):
@@ -188,6 +214,7 @@ def test_several_single_jobs_share_a_forward_pass(stack, client, make_image):
     assert all(s.state == "succeeded" for s in statuses)
     # they arrived while the model was busy, so they ran as one batched forward
     assert [s.items[0].batch_size for s in statuses] == [4, 4, 4, 4]
+    assert len({s.items[0].infer_ms for s in statuses}) == 1  # the same engine pass
     starts = [s.started_at for s in statuses]
     assert max(starts) - min(starts) < 0.2  # begun together, in one flush
 

@@ -76,10 +76,12 @@ def _stem(item: str) -> str:
 
 def run_remove(inputs: Sequence[str], *, output_dir: Path, refine: bool, settings: Settings) -> int:
     """Remove backgrounds of ``inputs`` into ``output_dir``; returns the exit status."""
+    import numpy as np
     from tqdm import tqdm
 
     from .engine import Engine
-    from .imageio import PNG_SAVE_OPTIONS, load_image
+    from .imageio import load_image
+    from .png import encode_png
 
     if not inputs:
         print("error: no input images given", file=sys.stderr)
@@ -106,7 +108,7 @@ def run_remove(inputs: Sequence[str], *, output_dir: Path, refine: bool, setting
             continue
         outputs = engine.remove_background([img for _, img in loaded], refine=refine)
         for (i, _), out in zip(loaded, outputs, strict=True):
-            out.save(targets[i], format="PNG", **PNG_SAVE_OPTIONS)
+            Path(targets[i]).write_bytes(encode_png(np.asarray(out)))
             bar.update(1)
     bar.close()
     done = len(inputs) - failed

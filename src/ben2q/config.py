@@ -74,7 +74,11 @@ class Settings(BaseSettings):
     retry_backoff_max: int = Field(120, ge=1, description="Longest wait between retries (s).")
     status_ttl: int = Field(7 * 24 * 3600, ge=60, description="Seconds job records are kept.")
     batch_window_ms: float = Field(
-        5.0, ge=0, le=1000, description="How long a lone job may wait for companions (ms)."
+        0.0,
+        ge=0,
+        le=1000,
+        description="How long a job reaching an idle worker waits for companions (ms); "
+        "0: it runs at once (jobs arriving while the model is busy are batched anyway).",
     )
     max_batch_items: int = Field(1000, ge=1, description="Inputs of one batch job at most.")
     io_threads: int = Field(8, ge=1, le=64, description="Parallel downloads/uploads per worker.")

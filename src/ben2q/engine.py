@@ -63,9 +63,13 @@ class Prediction:
     alpha: np.ndarray
     """(H, W) uint8."""
 
+    def rgba(self) -> np.ndarray:
+        """The RGBA result, (H, W, 4) uint8."""
+        return np.dstack([self.rgb, self.alpha])
+
     def to_image(self) -> Image.Image:
         """The RGBA result as a PIL image."""
-        return Image.fromarray(np.dstack([self.rgb, self.alpha]), mode="RGBA")
+        return Image.fromarray(self.rgba(), mode="RGBA")
 
 
 class Engine:

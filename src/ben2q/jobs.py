@@ -89,6 +89,12 @@ class ItemStatus(BaseModel):
     duration_ms: float | None = None
     batch_size: int | None = None
     """Images in the forward pass that ran this item (items of other jobs included)."""
+    fetch_ms: float | None = None
+    """Reading and decoding the input."""
+    infer_ms: float | None = None
+    """The engine's pass over the chunk this item was in (shared with ``batch_size - 1``)."""
+    store_ms: float | None = None
+    """Encoding and writing the output (and the mask)."""
 
 
 class WebhookAttempt(BaseModel):

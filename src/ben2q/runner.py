@@ -28,9 +28,10 @@ from PIL import Image
 from .config import Settings
 from .engine import Engine, Prediction
 from .errors import BEN2QError, ImageTooLarge, JobTimeout, StorageError
-from .imageio import PNG_SAVE_OPTIONS, decode_image
+from .imageio import decode_image
 from .jobs import CONTENT_TYPES, ErrorInfo, JobRequest, JobStatus, mask_uri, output_uri
 from .metrics import MetricsRecorder
+from .png import encode_png
 from .status import StatusStore
 from .storage import Storage
 
@@ -70,21 +71,18 @@ class _Item:
 
 
 def encode_output(prediction: Prediction, fmt: str) -> bytes:
-    """RGBA PNG (fast deflate) or lossless WebP."""
+    """RGBA PNG (ben2q.png: fast, multi-threaded deflate) or lossless WebP."""
+    if fmt != "webp":
+        return encode_png(prediction.rgba())
     buf = io.BytesIO()
-    image = prediction.to_image()
-    if fmt == "webp":
-        # exact: keep the colours under transparent pixels (libwebp would drop them)
-        image.save(buf, format="WEBP", lossless=True, exact=True, quality=50, method=2)
-    else:
-        image.save(buf, format="PNG", **PNG_SAVE_OPTIONS)
+    # exact: keep the colours under transparent pixels (libwebp would drop them)
+    prediction.to_image().save(buf, format="WEBP", lossless=True, exact=True, quality=50, method=2)
     return buf.getvalue()
 
 
 def encode_mask(alpha: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(alpha, mode="L").save(buf, format="PNG", **PNG_SAVE_OPTIONS)
-    return buf.getvalue()
+    """The alpha matte as an 8-bit greyscale PNG."""
+    return encode_png(alpha)
 
 
 class JobRunner:
@@ -109,6 +107,13 @@ class JobRunner:
         self.settings = settings
         self.hostname = hostname
         self.pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="ben2q-io")
+
+    def warmup(self) -> None:
+        """Pay the first-use costs of the I/O path before the first job does: the S3
+        client, Pillow's decoder plugins and the PNG encoder's threads."""
+        self.storage.warm()
+        probe = np.zeros((512, 256, 4), np.uint8)  # 512 KiB: deflated on the encoder's threads
+        decode_image(encode_png(probe), settings=self.settings)
 
     # --- job lifecycle -------------------------------------------------------------------
 
@@ -239,11 +244,14 @@ class JobRunner:
             if ready:
                 for item, _ in ready:
                     item.run.status.items[item.index].batch_size = len(ready)
+                t0 = time.perf_counter()
                 preds = self.engine.predict(
                     [img for _, img in ready],
                     refine=[item.run.request.options.refine for item, _ in ready],
                 )
+                infer_ms = _ms_since(t0)
                 for (item, _), pred in zip(ready, preds, strict=True):
+                    item.run.status.items[item.index].infer_ms = infer_ms
                     uploads.append((item, self.pool.submit(self._upload, item, pred)))
             self._collect(uploads, block=False)
             self._checkpoint(runs)
@@ -263,8 +271,11 @@ class JobRunner:
 
     def _fetch(self, item: _Item) -> Image.Image | None:
         uri = item.run.request.inputs[item.index]
+        t0 = time.perf_counter()
         try:
-            return decode_image(self.storage.read(uri), settings=self.settings)
+            image = decode_image(self.storage.read(uri), settings=self.settings)
+            item.run.status.items[item.index].fetch_ms = _ms_since(t0)
+            return image
         except BEN2QError as exc:
             self._item_error(item, exc)
             return None
@@ -274,6 +285,7 @@ class JobRunner:
             return None
 
     def _upload(self, item: _Item, pred: Prediction) -> None:
+        t0 = time.perf_counter()
         request, record = item.run.request, item.run.status.items[item.index]
         fmt = request.options.format
         meta = {
@@ -294,7 +306,8 @@ class JobRunner:
         record.output, record.mask = target, mask_target
         record.height, record.width = pred.alpha.shape
         record.state, record.error = "succeeded", None
-        record.duration_ms = round((time.perf_counter() - item.started) * 1000, 3)
+        record.store_ms = _ms_since(t0)
+        record.duration_ms = _ms_since(item.started)
 
     def _collect(self, uploads: list[tuple[_Item, Future]], *, block: bool) -> None:
         for pair in list(uploads):
@@ -319,7 +332,7 @@ class JobRunner:
             record.state = "pending"
             return
         record.state, record.error = "failed", ErrorInfo(**exc.to_dict())
-        record.duration_ms = round((time.perf_counter() - item.started) * 1000, 3)
+        record.duration_ms = _ms_since(item.started)
         log.info(
             "job %s item %d failed: %s",
             item.run.request.id,
@@ -344,6 +357,10 @@ class JobRunner:
             else:
                 self.store.save(status)
                 self._notify(status, "progress")
+
+
+def _ms_since(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -172,6 +172,11 @@ class Storage:
 
     # --- S3 ----------------------------------------------------------------------------
 
+    def warm(self) -> None:
+        """Build the S3 client now (botocore loads its service model, a few hundred ms),
+        so that a worker's first job does not pay for it. No request is sent."""
+        self._s3()
+
     def _s3(self) -> Any:
         """The shared S3 client, created on first use (under the lock)."""
         client = self._client

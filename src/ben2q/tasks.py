@@ -1,9 +1,10 @@
 """The Celery tasks: what a delivered job message makes a worker do.
 
 ``ben2q.remove`` (one image) is a celery-batches task: pending single-image jobs on a worker
-are handed over together and share forward passes. A lone job waits at most
-``BEN2Q_BATCH_WINDOW_MS``; while the model is busy, arriving jobs keep collecting until it
-is free (up to ``2 × BEN2Q_MAX_BATCH`` prefetched). ``BatchedJobTask`` extends celery-batches
+are handed over together and share forward passes. A job that reaches an idle worker runs
+at once (or waits up to ``BEN2Q_BATCH_WINDOW_MS`` for companions, if set); while the model
+is busy, arriving jobs collect and run together as soon as it is free (up to
+``2 × BEN2Q_MAX_BATCH`` prefetched). ``BatchedJobTask`` extends celery-batches
 with what plain Celery tasks have and it lacks: soft and hard time limits for the flushed
 batch, and requeue of the batch's messages when the worker child dies.
 
@@ -43,6 +44,7 @@ from .worker import app, state, webhook_time_limits
 log = logging.getLogger(__name__)
 settings: Settings = app.conf.ben2q_settings
 TIMEOUTS = (JobTimeout, SoftTimeLimitExceeded)
+FLUSH_TICK_MS = 10.0
 
 
 def _parse(kwargs: dict[str, Any]) -> JobRequest | None:
@@ -101,6 +103,17 @@ class BatchedJobTask(Batches):
         super().__init__()
         self._buffer = _ReceivedQueue()
 
+    def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:
+        handle = super().Strategy(task, app, consumer)
+        if settings.batch_window_ms > 0:
+            return handle  # a lone job waits for companions until the timer fires
+
+        def handle_now(*args: Any, **kwargs: Any) -> None:
+            handle(*args, **kwargs)
+            self._do_flush()  # idle: run it now; busy: it joins the next batch
+
+        return handle_now
+
     def _do_flush(self) -> None:
         # While a batch runs, keep collecting (up to a full batch) instead of queueing
         # small batches behind it; when idle, flush at once.
@@ -112,6 +125,8 @@ class BatchedJobTask(Batches):
     def _done(self) -> None:
         with self._inflight_lock:
             BatchedJobTask._inflight -= 1
+        if self._buffer.qsize():
+            self._do_flush()  # what collected while the model was busy runs next, now
 
     def flush(self, requests: Collection[Any]) -> Any:
         requests = list(requests)
@@ -185,7 +200,8 @@ def _fail_timed_out(kwargs_list: list[dict[str, Any]]) -> None:
     bind=True,
     acks_late=True,
     flush_every=settings.max_batch,
-    flush_interval=settings.batch_window_ms / 1000.0,
+    # the timer that ends a lone job's wait; with no wait, a backstop for delayed retries
+    flush_interval=(settings.batch_window_ms or FLUSH_TICK_MS) / 1000.0,
 )
 def remove(self: BatchedJobTask, requests: list[SimpleRequest]) -> int:
     """Single-image jobs, several at a time: one shared, batched pass."""

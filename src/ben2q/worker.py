@@ -233,7 +233,7 @@ class _ProcessState:
                     engine.dtype,
                     seconds,
                 )
-                self._runner = JobRunner(
+                runner = JobRunner(
                     engine,
                     Storage(settings),
                     self.store(),
@@ -242,6 +242,8 @@ class _ProcessState:
                     notify=notify,
                     metrics=MetricsRecorder(settings.status_url),
                 )
+                runner.warmup()
+                self._runner = runner
             return self._runner
 
     def store(self):
