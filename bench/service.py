@@ -11,7 +11,7 @@ processes (tiny spec, CPU). Reports, in one run:
 - jobs/s for N single-image jobs submitted at once, with cross-job batching
   (``BEN2Q_MAX_BATCH=4``) and without it (``=1``), and for one batch job of N inputs;
 - the baseline: a direct engine loop (one ``Engine.predict`` per image) over the same
-  images, and the ratios queue/baseline.
+  images, measured again right before each throughput run, and the ratios queue/baseline.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,35 @@ def synthetic(width: int, height: int, seed: int) -> Image.Image:
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
+
+
+def s3_and_codec_floor(s3, input_uri: str, output_uri: str, *, settings, rounds: int = 15):
+    """p50 ms of what a lone job does besides the queue, run alone: S3 GET of its input,
+    decode, PNG encode of its output's pixels and S3 PUT of the encoded bytes."""
+    from ben2q.imageio import decode_image
+    from ben2q.png import encode_png
+
+    def split(uri: str) -> tuple[str, str]:
+        bucket, key = uri.removeprefix("s3://").split("/", 1)
+        return bucket, key
+
+    (ib, ik), (ob, ok) = split(input_uri), split(output_uri)
+    pixels = np.asarray(Image.open(io.BytesIO(s3.get_object(Bucket=ob, Key=ok)["Body"].read())))
+    times: dict[str, list[float]] = {k: [] for k in ("get", "decode", "encode", "put")}
+    for _ in range(rounds):
+        for name in times:
+            time.sleep(0.3)  # as idle as a producer and a worker are between lone jobs
+            t = time.perf_counter()
+            if name == "get":
+                data = s3.get_object(Bucket=ib, Key=ik)["Body"].read()
+            elif name == "decode":
+                decode_image(data, settings=settings)
+            elif name == "encode":
+                out = encode_png(pixels)
+            else:
+                s3.put_object(Bucket=ob, Key=ok + ".floor", Body=out, ContentType="image/png")
+            times[name].append((time.perf_counter() - t) * 1000)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def start_worker(env: dict[str, str], log: Path, name: str) -> subprocess.Popen:
@@ -112,26 +142,31 @@ def main() -> None:
     from ben2q.config import Settings
     from ben2q.engine import Engine
 
-    torch.set_num_threads(2)
     # --- baseline: the engine alone, one image at a time, in this process -------------
+    # measured again right before each throughput run: this host's speed drifts over
+    # minutes, and a ratio means something only against a baseline of the same moment
     engine = Engine.load(settings=Settings(model_spec="tiny", device="cpu"))
     engine.warmup()
-    per_image = []
-    t0 = time.perf_counter()
-    for img in images:
-        t = time.perf_counter()
-        engine.predict([img])
-        per_image.append(time.perf_counter() - t)
-    direct_s = time.perf_counter() - t0
-    direct_ips = len(images) / direct_s
-    engine_p50 = statistics.median(per_image)
-    del engine
-    torch.set_num_threads(1)  # leave the cores to the worker from here on
+
+    def direct_loop() -> tuple[float, float]:
+        torch.set_num_threads(2)
+        per_image = []
+        t0 = time.perf_counter()
+        for img in images:
+            t = time.perf_counter()
+            engine.predict([img])
+            per_image.append(time.perf_counter() - t)
+        direct_s = time.perf_counter() - t0
+        torch.set_num_threads(1)  # leave the cores to the worker
+        ips = len(images) / direct_s
+        print(
+            f"direct engine loop     {direct_s:8.2f} s  {ips:7.2f} img/s   "
+            f"engine p50 {statistics.median(per_image) * 1000:6.1f} ms/img  (baseline)"
+        )
+        return ips, statistics.median(per_image)
+
     print(f"tiny spec, {w}x{h} PNG inputs, {args.jobs} jobs, cpu={os.cpu_count()}")
-    print(
-        f"direct engine loop     {direct_s:8.2f} s  {direct_ips:7.2f} img/s   "
-        f"engine p50 {engine_p50 * 1000:6.1f} ms/img  (baseline)"
-    )
+    direct_ips, engine_p50 = direct_loop()
 
     results = {}
     for label, max_batch in (("batched (max_batch=4)", 4), ("unbatched (max_batch=1)", 1)):
@@ -141,6 +176,8 @@ def main() -> None:
         if max_batch == 4:
             # lone jobs: latency and overhead over the engine time (the job's own engine
             # pass as its worker timed it: infer_ms), and where the overhead went
+            warm = client.submit(uris[0], output="s3://bench-out/lat/")  # first-use costs
+            assert client.wait(warm, timeout=120).state == "succeeded"
             lat, parts = [], {k: [] for k in ("over", "wait", "fetch", "store", "rest")}
             for i in range(args.latency_jobs):
                 t = time.perf_counter()
@@ -171,6 +208,16 @@ def main() -> None:
                     *(pct(parts[k], 50) for k in ("wait", "fetch", "store", "rest"))
                 )
             )
+            floor = s3_and_codec_floor(s3, uris[0], st.items[0].output, settings=client.settings)
+            print(
+                "  the same operations alone in this process, idle 0.3 s before each as a lone"
+                " job's are: S3 GET {get:.1f} ms + PUT {put:.1f} ms (boto3 to the S3 server),"
+                " decode {decode:.1f} ms + encode {encode:.1f} ms; overhead minus these:"
+                " p50 {rest:.1f} ms".format(
+                    **floor, rest=pct(parts["over"], 50) - sum(floor.values())
+                )
+            )
+        direct_ips, _ = direct_loop()
         t = time.perf_counter()
         jobs = [client.submit(u, output=f"s3://bench-out/{max_batch}/") for u in uris]
         finals = [client.wait(j, timeout=600) for j in jobs]
@@ -178,13 +225,16 @@ def main() -> None:
         assert all(s.state == "succeeded" for s in finals)
         waits = [s.queue_wait_ms for s in finals]
         e2e = [(s.finished_at - s.created_at) * 1000 for s in finals]
+        sizes = Counter(s.items[0].batch_size for s in finals)
         jps = results[label] = len(jobs) / elapsed
         print(
             f"{label:22s} {elapsed:8.2f} s  {jps:7.2f} jobs/s  x{jps / direct_ips:.3f}"
             f" of baseline; queue wait p50 {pct(waits, 50):7.0f} ms p99 {pct(waits, 99):7.0f} ms;"
-            f" end-to-end p50 {pct(e2e, 50):7.0f} ms p99 {pct(e2e, 99):7.0f} ms"
+            f" end-to-end p50 {pct(e2e, 50):7.0f} ms p99 {pct(e2e, 99):7.0f} ms;"
+            f" jobs by pass size {dict(sorted(sizes.items()))}"
         )
         if max_batch == 4:
+            direct_ips, _ = direct_loop()
             t = time.perf_counter()
             st = client.wait(client.submit_batch(uris, output="s3://bench-out/batch/"), timeout=600)
             elapsed = time.perf_counter() - t
