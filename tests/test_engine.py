@@ -16,7 +16,25 @@ def test_precision_and_device_defaults():
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == torch.float32
     assert resolve_precision("auto", torch.device("cuda")) == torch.float16
+
+
+def test_reduced_precision_on_the_cpu_only_where_it_is_native(monkeypatch, caplog):
+    import ben2q.engine as engine_mod
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine_mod, "cpu_runs_natively", lambda dtype: True)
     assert resolve_precision("bfloat16", cpu) == torch.bfloat16
+    assert resolve_precision("float16", cpu) == torch.float16
+    monkeypatch.setattr(engine_mod, "cpu_runs_natively", lambda dtype: dtype == torch.float32)
+    with caplog.at_level("WARNING", logger="ben2q.engine"):
+        assert resolve_precision("bfloat16", cpu) == torch.float32
+    assert "no native bfloat16" in caplog.text
+    # CUDA is not second-guessed; the real probe answers for this machine's CPU
+    assert resolve_precision("bfloat16", torch.device("cuda")) == torch.bfloat16
+    monkeypatch.undo()
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    expected = torch.bfloat16 if native else torch.float32
+    assert resolve_precision("bfloat16", cpu) == expected
     assert resolve_device("cpu") == cpu
     assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -67,7 +85,11 @@ def test_refinement_changes_colours_not_alpha(tiny_engine, make_image):
         assert diff.max() <= 2
 
 
-def test_bfloat16_autocast_on_cpu_stays_close_to_float32(make_image):
+def test_bfloat16_autocast_on_cpu_stays_close_to_float32(make_image, monkeypatch):
+    import ben2q.engine as engine_mod
+
+    # the bf16 path is tested on every CPU, emulated where it is not native (tiny spec)
+    monkeypatch.setattr(engine_mod, "cpu_runs_natively", lambda dtype: True)
     img = make_image(128, 128, seed=5)
     fp32 = Engine.load(settings=Settings(model_spec="tiny", device="cpu")).predict([img])[0]
     bf16_engine = Engine.load(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -86,6 +89,28 @@ def test_same_pixels_whatever_the_thread_count() -> None:
     outputs = {encode_png(pixels, threads=t) for t in (1, 2, 4)}
     decoded = [decode(o) for o in outputs]
     assert all(np.array_equal(d, pixels) for d in decoded)
+
+
+def test_a_forked_child_still_encodes_on_threads() -> None:
+    pixels = noisy((700, 400, 4), seed=3)
+    expected = encode_png(pixels, threads=2)  # the parent's encoder threads now exist
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the banded encode finishes and is right
+        code = 1
+        try:
+            code = 0 if encode_png(pixels, threads=2) == expected else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's encode hung")
 
 
 def test_non_contiguous_input() -> None:

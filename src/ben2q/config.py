@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     hf_revision: str | None = None
     device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'; default: auto.")
     precision: Precision = Field(
-        "auto", description="'auto' is float16 autocast on CUDA and float32 on CPU."
+        "auto",
+        description="'auto' is float16 autocast on CUDA and float32 on CPU; reduced "
+        "precision on a CPU without native support for it falls back to float32.",
     )
     max_batch: int = Field(4, ge=1, le=64, description="Images per forward pass at most.")
     keep_freed_memory: bool = Field(

@@ -51,6 +51,16 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    # a forked child (Celery's prefork pool) inherits the executor but not its threads:
+    # work submitted to it would wait forever
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
     crc = zlib_ng.crc32(data, zlib_ng.crc32(kind))
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
