@@ -42,6 +42,15 @@ def synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture()
+def reduced_precision_on_cpu(monkeypatch):
+    """Let the engine run bf16/fp16 on this CPU even where it is only emulated (slow, but
+    the numerics of the fast mode stay tested on every machine; tiny spec)."""
+    import ben2q.engine
+
+    monkeypatch.setattr(ben2q.engine, "cpu_runs_natively", lambda dtype: True)
+
+
+@pytest.fixture()
 def make_image():
     return synthetic_image
 

@@ -85,11 +85,7 @@ def test_refinement_changes_colours_not_alpha(tiny_engine, make_image):
         assert diff.max() <= 2
 
 
-def test_bfloat16_autocast_on_cpu_stays_close_to_float32(make_image, monkeypatch):
-    import ben2q.engine as engine_mod
-
-    # the bf16 path is tested on every CPU, emulated where it is not native (tiny spec)
-    monkeypatch.setattr(engine_mod, "cpu_runs_natively", lambda dtype: True)
+def test_bfloat16_autocast_on_cpu_stays_close_to_float32(make_image, reduced_precision_on_cpu):
     img = make_image(128, 128, seed=5)
     fp32 = Engine.load(settings=Settings(model_spec="tiny", device="cpu")).predict([img])[0]
     bf16_engine = Engine.load(

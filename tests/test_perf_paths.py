@@ -306,12 +306,9 @@ def test_packed_linear_keeps_autograd_and_autocast_on_the_plain_path():
         assert lin(x.detach()).dtype == torch.bfloat16
 
 
-def test_engine_packs_only_for_float32_on_the_cpu(monkeypatch):
-    import ben2q.engine as engine_mod
+def test_engine_packs_only_for_float32_on_the_cpu(reduced_precision_on_cpu):
     from ben2q.engine import Engine
     from ben2q.model.kernels import Linear
-
-    monkeypatch.setattr(engine_mod, "cpu_runs_natively", lambda dtype: True)
 
     def packed(engine):
         return {m._pack is not None for m in engine.model.modules() if isinstance(m, Linear)}

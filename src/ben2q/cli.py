@@ -76,7 +76,6 @@ def _stem(item: str) -> str:
 
 def run_remove(inputs: Sequence[str], *, output_dir: Path, refine: bool, settings: Settings) -> int:
     """Remove backgrounds of ``inputs`` into ``output_dir``; returns the exit status."""
-    import numpy as np
     from tqdm import tqdm
 
     from .engine import Engine
@@ -106,9 +105,9 @@ def run_remove(inputs: Sequence[str], *, output_dir: Path, refine: bool, setting
                 bar.update(1)
         if not loaded:
             continue
-        outputs = engine.remove_background([img for _, img in loaded], refine=refine)
+        outputs = engine.predict([img for _, img in loaded], refine=refine)
         for (i, _), out in zip(loaded, outputs, strict=True):
-            Path(targets[i]).write_bytes(encode_png(np.asarray(out)))
+            Path(targets[i]).write_bytes(encode_png(out.rgba()))
             bar.update(1)
     bar.close()
     done = len(inputs) - failed
