@@ -181,7 +181,6 @@ def test_gpu_workers_each_reserve_their_own_device_and_are_named_after_it(servic
         # The container sees only its reserved GPU, always as device 0.
         assert flag_value(command, "--gpu") == "0", name
         assert flag_value(command, "--hostname") == f"gpu{device_id}@%h", name
-        assert service["environment"]["BEN2Q_WORKER_HOSTNAME"] == f"gpu{device_id}", name
         assert service["stop_grace_period"] == "5m", name
         assert service["volumes"] == ["hf-cache:/models/hf"], name
         assert service["depends_on"]["minio-init"]["condition"] == (
@@ -190,15 +189,17 @@ def test_gpu_workers_each_reserve_their_own_device_and_are_named_after_it(servic
     assert len(seen) == len(GPU_WORKERS), "two GPU workers reserve the same device"
 
 
-def test_workers_consume_their_queues_and_answer_health_checks_by_name(services):
+def test_workers_consume_their_queues_and_are_health_checked_for_readiness(services, stages):
     settings = Settings()
+    [image_check] = stages["cpu"].all("HEALTHCHECK")
     for name in WORKERS:
         command = services[name]["command"]
         hostname = flag_value(command, "--hostname")
         assert hostname and hostname.endswith("@%h"), name
-        # The image's health check pings ${BEN2Q_WORKER_HOSTNAME}@$HOSTNAME.
-        env_name = services[name]["environment"]["BEN2Q_WORKER_HOSTNAME"]
-        assert hostname == f"{env_name}@%h", name
+        check = services[name]["healthcheck"]
+        assert check["test"] == ["CMD", "ben2q", "health", "--worker", "--ready"], name
+        assert json.loads(image_check.split(" CMD ", 1)[1]) == check["test"][1:]
+        assert check["start_period"] == "10m" and check["retries"] == 3, name
         queues = flag_value(command, "--queues")
         if name == "webhooks":
             assert queues == settings.webhook_queue
@@ -212,7 +213,7 @@ def test_workers_consume_their_queues_and_answer_health_checks_by_name(services)
 def test_the_webhooks_service_gets_no_storage_credentials(compose, services):
     """Least privilege: delivering webhooks needs the broker and the signing secret only."""
     env = services["webhooks"]["environment"]
-    assert set(env) == {"BEN2Q_BROKER_URL", "BEN2Q_WEBHOOK_SECRET", "BEN2Q_WORKER_HOSTNAME"}
+    assert set(env) == {"BEN2Q_BROKER_URL", "BEN2Q_WEBHOOK_SECRET"}
     assert env["BEN2Q_WEBHOOK_SECRET"] == compose["x-ben2q-env"]["BEN2Q_WEBHOOK_SECRET"]
     for name in GPU_WORKERS | {"worker-cpu"}:  # model workers do read and write storage
         assert "AWS_SECRET_ACCESS_KEY" in services[name]["environment"], name
@@ -394,9 +395,8 @@ def test_final_stages_run_ben2q_as_a_non_root_user_with_a_health_check(stages, t
     [healthcheck] = stage.all("HEALTHCHECK")
     assert healthcheck == stages["cpu"].all("HEALTHCHECK")[0]
     command = json.loads(healthcheck.split(" CMD ", 1)[1])
-    assert command[:2] == ["sh", "-c"]
-    assert "celery -A ben2q.worker inspect ping --timeout 5" in command[2]
-    assert '-d "${BEN2Q_WORKER_HOSTNAME:-ben2q}@$HOSTNAME"' in command[2]
+    assert command == ["ben2q", "health", "--worker", "--ready"]
+    assert "--start-period=10m" in healthcheck.split(" CMD ", 1)[0]
     # The weights stage keeps the cache owned by the user.
     assert any("--from=weights --chown=10001:10001" in c for c in stage.all("COPY"))
 
@@ -574,21 +574,31 @@ def test_worker_options_pass_through_to_celery(services, name):
     assert done.returncode == 0, done.stderr  # an unknown option exits 2
 
 
-def test_the_health_check_pings_a_worker_started_like_the_webhooks_service(
+def test_the_health_check_passes_for_a_worker_started_like_the_webhooks_service(
     services, stages, redis_server, tmp_path
 ):
+    """The image's probe, run as Docker runs it, against a real worker started with the
+    webhooks service's command: unhealthy before it starts, healthy once it consumes,
+    unhealthy again after it stopped."""
     [healthcheck] = stages["cpu"].all("HEALTHCHECK")
     probe = json.loads(healthcheck.split(" CMD ", 1)[1])
     service = services["webhooks"]
     venv_bin = str(Path(sys.executable).parent)
-    env = {
-        **os.environ,
-        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
-        "BEN2Q_BROKER_URL": redis_server.url.rsplit("/", 1)[0] + "/15",  # a db of its own
-        "BEN2Q_WEBHOOK_SECRET": REQUIRED_ENV["BEN2Q_WEBHOOK_SECRET"],
-        "HOSTNAME": socket.gethostname(),  # what Docker sets; %h in --hostname
-    }
-    env.pop("BEN2Q_WORKER_HOSTNAME", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BEN2Q_")}
+    env.update(
+        {
+            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+            "BEN2Q_BROKER_URL": redis_server.url.rsplit("/", 1)[0] + "/15",  # a db of its own
+            "BEN2Q_WEBHOOK_SECRET": REQUIRED_ENV["BEN2Q_WEBHOOK_SECRET"],
+            "BEN2Q_HEALTH_DIR": str(tmp_path / "health"),  # the container's own /tmp
+            "HOSTNAME": socket.gethostname(),  # what Docker sets; %h in --hostname
+        }
+    )
+
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run(probe, env=env, capture_output=True, text=True, timeout=60)
+
+    assert check().returncode == 1  # nothing started yet
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
         worker = subprocess.Popen(
@@ -596,22 +606,11 @@ def test_the_health_check_pings_a_worker_started_like_the_webhooks_service(
         )
     try:
         deadline = time.monotonic() + 60
-        while b" ready." not in log.read_bytes():
+        while (healthy := check()).returncode != 0:
             assert worker.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        name = service["environment"]["BEN2Q_WORKER_HOSTNAME"]
-        healthy = subprocess.run(
-            probe, env={**env, "BEN2Q_WORKER_HOSTNAME": name}, capture_output=True, timeout=60
-        )
-        assert healthy.returncode == 0, healthy.stderr
-        # No worker of that name: unhealthy (exit 1), after a shortened wait.
-        quick = [*probe[:2], probe[2].replace("--timeout 5", "--timeout 1")]
-        assert quick[2] != probe[2]
-        unhealthy = subprocess.run(
-            quick, env={**env, "BEN2Q_WORKER_HOSTNAME": "gpu7"}, capture_output=True, timeout=60
-        )
-        assert unhealthy.returncode == 1
+            assert time.monotonic() < deadline, healthy.stdout + log.read_text()
+            time.sleep(0.2)
+        assert healthy.stdout.startswith("webhooks@") and "ready" in healthy.stdout
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -619,3 +618,4 @@ def test_the_health_check_pings_a_worker_started_like_the_webhooks_service(
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+    assert check().returncode == 1  # stopped: unhealthy

@@ -6,6 +6,9 @@ import io
 import json
 import logging
 import re
+import subprocess
+import sys
+import textwrap
 from datetime import UTC, datetime
 
 import pytest
@@ -37,6 +40,7 @@ def root_restored():
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield root
+    logging.captureWarnings(False)
     for h in list(root.handlers):
         root.removeHandler(h)
     for h in handlers:
@@ -156,6 +160,83 @@ def test_configure_logging_text(root_restored, capsys):
     assert isinstance(root_restored.handlers[0].formatter, TextFormatter)
     with pytest.raises(ValueError):
         configure_logging(fmt="xml")  # type: ignore[arg-type]
+
+
+def test_auto_format_is_text_at_a_terminal_and_json_otherwise(monkeypatch):
+    from ben2q.logs import resolve_format
+
+    class Stream:
+        def __init__(self, tty: bool) -> None:
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    monkeypatch.setattr("sys.stderr", Stream(True))
+    assert resolve_format("auto") == "text"
+    monkeypatch.setattr("sys.stderr", Stream(False))
+    assert resolve_format("auto") == "json"
+    assert resolve_format("text") == "text" and resolve_format("json") == "json"
+
+
+def _run_logging(code: str) -> str:
+    """Standard error of a fresh interpreter (the handlers a library adds at import are
+    only there once per process)."""
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stderr
+
+
+def test_a_library_warning_shows_once_in_our_format():
+    err = _run_logging(
+        """
+        import logging, warnings
+        from ben2q.logs import configure_logging
+        configure_logging(fmt="json")
+        from huggingface_hub.utils import logging as hf_logging
+        hf_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        warnings.warn("a deprecation, once", UserWarning)
+        """
+    )
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    records = [json.loads(line) for line in lines]
+    assert records[0]["logger"] == "huggingface_hub.utils._http"
+    assert records[0]["message"] == "Retrying in 1s [Retry 1/5]."
+    assert records[1]["logger"] == "py.warnings" and "a deprecation, once" in records[1]["message"]
+
+
+def test_text_format_at_a_terminal_has_no_json():
+    err = _run_logging(
+        """
+        import logging, sys
+
+        class Terminal:
+            def __init__(self, stream):
+                self.stream = stream
+
+            def write(self, text):
+                return self.stream.write(text)
+
+            def flush(self):
+                self.stream.flush()
+
+            def isatty(self):
+                return True
+
+        sys.stderr = Terminal(sys.stderr)
+        from ben2q.logs import configure_logging
+        configure_logging(fmt="auto")
+        logging.getLogger("ben2q.worker").warning("running as root")
+        """
+    )
+    [line] = err.strip().splitlines()
+    assert line.endswith("WARNING ben2q.worker: running as root") and "{" not in line
 
 
 @pytest.mark.parametrize(

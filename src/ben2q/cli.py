@@ -137,16 +137,45 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="images per forward pass")
 
 
+DESCRIPTION = "Remove image backgrounds with BEN2, on this machine or through a job queue."
+EPILOG = """\
+try it on one machine:
+  ben2q remove photo.jpg -o out/          remove backgrounds here, no queue
+  ben2q up --root DIR                     start Redis and a worker, files under DIR
+  ben2q submit file://DIR/photo.jpg --output file://DIR/out/ --wait
+
+Settings come from BEN2Q_* environment variables (README, "Configuration"); flags
+override them. Each command has its own --help.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ben2q", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    remove = sub.add_parser("remove", help="remove backgrounds of local files or URLs")
+    parser = argparse.ArgumentParser(
+        prog="ben2q",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    remove = sub.add_parser(
+        "remove",
+        help="remove backgrounds of local files or URLs",
+        description="Remove the backgrounds of images (paths or URLs) with the model on this "
+        "machine and write one RGBA PNG per input, named after it. Exit status: 0 all "
+        "written, 1 some failed (one line each), 2 nothing could run.",
+    )
     remove.add_argument("images", nargs="+", help="paths or URLs")
     remove.add_argument("--output-dir", "-o", default="ben2_outputs", type=Path)
     remove.add_argument("--refine", action="store_true", help="refine foreground colours")
     add_engine_options(remove)
 
-    submit = sub.add_parser("submit", help="enqueue a job (several inputs: one batch job)")
+    submit = sub.add_parser(
+        "submit",
+        help="enqueue a job (several inputs: one batch job)",
+        description="Enqueue a job on the queue (BEN2Q_BROKER_URL); prints its id, or waits "
+        "for it with --wait. Exit status: 0 succeeded (or enqueued), 1 failed, 2 invalid "
+        "request or no Redis, 3 --timeout ran out.",
+    )
     submit.add_argument("inputs", nargs="+", metavar="INPUT", help="s3://, http(s):// or file://")
     submit.add_argument("--output", required=True, help="s3://bucket/prefix/ or file:///dir/")
     submit.add_argument("--refine", action="store_true", help="refine foreground colours")
@@ -177,7 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     pin.add_argument("--gpu", type=int, metavar="N", help="pin this worker to GPU N")
     pin.add_argument("--gpus", metavar="all|0,1", help="supervise one worker per GPU")
     worker.add_argument("--queues", "-Q", help="queues to consume (default BEN2Q_QUEUE)")
-    up = sub.add_parser("up", help="run Redis and a worker on this machine with file:// storage")
+    worker.add_argument("--quiet", action="store_true", help="no start-up banner")
+    up = sub.add_parser(
+        "up",
+        help="run Redis and a worker on this machine with file:// storage",
+        description="Start a private Redis and one worker, with file:// inputs and outputs "
+        "under --root; prints how to submit once the model is ready, and stops both on "
+        "Ctrl-C. Exits non-zero with the reason if the worker cannot run jobs.",
+    )
     up.add_argument("--root", type=Path, default=Path("."), help="local root (default .)")
     up.add_argument("--port", type=int, default=0, help="Redis port (default: a free one)")
     flower = sub.add_parser(
@@ -187,7 +223,36 @@ def build_parser() -> argparse.ArgumentParser:
     exporter = sub.add_parser("exporter", help="Prometheus metrics of the service")
     exporter.add_argument("--port", type=int, default=9808)
     exporter.add_argument("--addr", default="0.0.0.0")
+    health = sub.add_parser(
+        "health",
+        help="probe the workers of this machine (for Docker and Kubernetes health checks)",
+        description="Check the workers that keep their health files in BEN2Q_HEALTH_DIR, "
+        "without asking the broker: alive (their main loop beat within --max-age seconds) "
+        "or, with --ready, also holding a warm model. Exit status 0 healthy, 1 not.",
+    )
+    target = health.add_mutually_exclusive_group(required=True)
+    target.add_argument("--worker", action="store_true", help="probe workers")
+    health.add_argument("--ready", action="store_true", help="readiness: a warm model too")
+    health.add_argument("--name", metavar="NODE", help="one worker (e.g. gpu0@host); default all")
+    health.add_argument("--max-age", type=float, help="seconds (BEN2Q_HEARTBEAT_MAX_AGE)")
+    health.add_argument("--dir", type=Path, help="health directory (BEN2Q_HEALTH_DIR)")
     return parser
+
+
+def run_health(args: argparse.Namespace) -> int:
+    """``ben2q health --worker [--ready]``: one line per worker, exit status 0 or 1."""
+    from .health import check_workers
+
+    settings = Settings()
+    verdict = check_workers(
+        args.dir or settings.health_dir,
+        name=args.name,
+        ready=args.ready,
+        max_age=args.max_age if args.max_age is not None else settings.heartbeat_max_age,
+    )
+    for line in verdict.lines:
+        print(line)
+    return EXIT_OK if verdict.ok else EXIT_FAILED
 
 
 # --- job commands ----------------------------------------------------------------------
@@ -324,9 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve.run_up(root=args.root, port=args.port, passthrough=extra)
         if args.gpus:
             return serve.run_gpus(args.gpus, extra, queues=args.queues)
-        return serve.run_worker(extra, queues=args.queues, gpu=args.gpu)
+        return serve.run_worker(extra, queues=args.queues, gpu=args.gpu, quiet=args.quiet)
     if extra:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "health":
+        return run_health(args)
     if args.command == "remove":
         try:
             settings = _settings(args)

@@ -6,6 +6,8 @@ Nothing else in ben2q reads ``os.environ`` for its own settings: code takes a ``
 
 from __future__ import annotations
 
+import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -109,8 +111,35 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = Field(
         None, description="'user:password' for Flower (comma-separate several)."
     )
-    log_format: Literal["json", "text"] = Field("json", description="Worker log format.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="Worker log format: 'json' lines, readable 'text', or 'auto' (text when "
+        "standard error is a terminal, JSON otherwise).",
+    )
     log_level: str = Field("INFO")
+
+    # --- worker health -------------------------------------------------------------------
+    health_dir: Path = Field(
+        default_factory=lambda: Path(tempfile.gettempdir()) / f"ben2q-health-{os.getuid()}",
+        description="Where workers keep their probe files (heartbeat, readiness), read by "
+        "`ben2q health --worker`.",
+    )
+    heartbeat_interval: float = Field(
+        5.0, gt=0, le=300, description="Seconds between a worker's heartbeats."
+    )
+    heartbeat_max_age: float = Field(
+        60.0, gt=0, description="`ben2q health`: a heartbeat older than this is a dead worker."
+    )
+    model_load_timeout: float = Field(
+        900.0, gt=0, description="Seconds a worker waits for its model (load + warm-up)."
+    )
+    worker_max_child_failures: int = Field(
+        2,
+        ge=1,
+        description="A worker leaves service when its pool process dies this many times in "
+        "a row without a job finishing in between (keep it below BEN2Q_JOB_MAX_ATTEMPTS, "
+        "so a broken worker leaves before it spends a good job's attempts).",
+    )
 
     @property
     def status_url(self) -> str:

@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from .config import Precision, Settings, get_settings
-from .errors import InvalidImage
+from .errors import DeviceUnavailable, InvalidImage
 from .model import BEN2, build_model, deterministic_state_dict, get_spec, load_weights
 from .model.alloc import keep_freed_memory as keep_freed_memory_
 from .model.specs import ModelSpec
@@ -41,10 +41,52 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"``: the first CUDA device if there is one, else the CPU."""
+    """``None``/``"auto"``: the first CUDA device if there is one, else the CPU.
+
+    A device that does not exist here (no CUDA in this PyTorch, no such GPU, a misspelt
+    name) raises ``DeviceUnavailable`` now, not at the first job."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceUnavailable(
+            f"BEN2Q_DEVICE={device} is not a device name (cpu, cuda, cuda:N): {exc}"
+        ) from exc
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = (
+                "this PyTorch has no CUDA support"
+                if torch.version.cuda is None
+                else ("no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)")
+            )
+            raise DeviceUnavailable(f"BEN2Q_DEVICE={device}: {why}; use BEN2Q_DEVICE=cpu")
+        if dev.index is not None and dev.index >= count:
+            raise DeviceUnavailable(
+                f"BEN2Q_DEVICE={device}: only {count} CUDA device(s) are visible"
+            )
+    elif dev.type != "cpu":
+        raise DeviceUnavailable(f"BEN2Q_DEVICE={device}: only cpu and cuda are supported")
+    return dev
+
+
+_DEVICE_ERROR_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "NCCL")
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the device itself failed (a CUDA error: the context is gone
+    and every later call fails too), as opposed to a bad input or running out of memory."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if isinstance(exc, torch.AcceleratorError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _DEVICE_ERROR_MARKERS)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate" in text
 
 
 def cpu_runs_natively(dtype: torch.dtype) -> bool:
@@ -130,7 +172,14 @@ class Engine:
         if forward_batch < 1:
             raise ValueError("forward_batch must be at least 1")
         self.forward_batch = forward_batch
-        self.model = model.eval().requires_grad_(False).to(self.device)
+        try:
+            self.model = model.eval().requires_grad_(False).to(self.device)
+        except Exception as exc:
+            if is_out_of_memory(exc) or is_device_failure(exc):
+                raise DeviceUnavailable(
+                    f"cannot put the model on {self.device}: {_first_line(exc)}"
+                ) from exc
+            raise
         self.model.pack_weights(self.device.type == "cpu" and self.dtype == torch.float32)
         self.spec: ModelSpec = model.spec
         self._mean = torch.tensor(_MEAN, device=self.device).view(1, 3, 1, 1)
@@ -200,8 +249,13 @@ class Engine:
             batch = batch.pin_memory()
         x = batch.to(self.device, non_blocking=True).float().div_(255.0)
         x = (x - self._mean) / self._std
-        with torch.inference_mode(), self._autocast():
-            parts = [self.model(part).float() for part in x.split(self.forward_batch)]
+        try:
+            with torch.inference_mode(), self._autocast():
+                parts = [self.model(part).float() for part in x.split(self.forward_batch)]
+        except Exception as exc:
+            if is_device_failure(exc):
+                raise DeviceUnavailable(f"{self.device} failed: {_first_line(exc)}") from exc
+            raise
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @staticmethod
@@ -263,8 +317,25 @@ class Engine:
         return [p.to_image() for p in self.predict(images, refine=refine)]
 
     def warmup(self) -> float:
-        """One forward on a blank image so the first real job does not pay for allocation."""
+        """One forward on a blank image so the first real job does not pay for allocation,
+        and so a device that cannot run the model says so before any job is taken
+        (``DeviceUnavailable``, out of memory included)."""
         started = time.perf_counter()
         size = self.spec.input_size
-        self.forward(torch.zeros((1, 3, size, size), dtype=torch.uint8))
+        try:
+            self.forward(torch.zeros((1, 3, size, size), dtype=torch.uint8))
+        except DeviceUnavailable:
+            raise
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise DeviceUnavailable(
+                    f"out of memory in the warm-up forward on {self.device} "
+                    f"({_first_line(exc)}); free the device or give the worker more memory"
+                ) from exc
+            raise
         return time.perf_counter() - started
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -14,6 +14,7 @@ are translated into these at one boundary each, with ``raise ... from exc``.
     │   ├── ForbiddenURL            code "forbidden_url"    scheme, host or address refused
     │   └── FetchFailed             code "fetch_failed"     network error, HTTP error, timeout
     ├── WeightsUnavailable          code "weights_unavailable"  no checkpoint to load
+    ├── DeviceUnavailable           code "device_unavailable"   the device cannot run the model
     ├── NotFound                    code "not_found"        no such input object, file or job
     ├── StorageError                code "storage_error"    reading an input failed (retryable)
     │   └── UploadFailed            code "upload_failed"    writing an output failed
@@ -37,6 +38,7 @@ __all__ = [
     "ForbiddenURL",
     "FetchFailed",
     "WeightsUnavailable",
+    "DeviceUnavailable",
     "BatchFailed",
     "NotFound",
     "StorageError",
@@ -114,6 +116,14 @@ class WeightsUnavailable(BEN2QError):
     code = "weights_unavailable"
 
 
+class DeviceUnavailable(BEN2QError):
+    """The model's device cannot run it: missing or unusable at load, out of memory at the
+    warm-up forward, or failing later (a CUDA error). A worker that meets it stops taking
+    jobs; the jobs it holds go back to the queue."""
+
+    code = "device_unavailable"
+
+
 class NotFound(BEN2QError):
     """An input object or file does not exist, or a job id is unknown."""
 
@@ -164,6 +174,7 @@ ERROR_CODES: frozenset[str] = frozenset(
         ForbiddenURL,
         FetchFailed,
         WeightsUnavailable,
+        DeviceUnavailable,
         BatchFailed,
         NotFound,
         StorageError,

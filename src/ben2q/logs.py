@@ -35,6 +35,7 @@ __all__ = [
     "WorkerFilter",
     "configure_logging",
     "redact",
+    "resolve_format",
 ]
 
 EXTRA_FIELDS: tuple[str, ...] = (
@@ -217,19 +218,42 @@ class WorkerFilter(logging.Filter):
         return True
 
 
+def resolve_format(fmt: Literal["auto", "json", "text"]) -> Literal["json", "text"]:
+    """``auto``: readable text for a person at a terminal, JSON lines for a collector."""
+    if fmt not in ("auto", "json", "text"):
+        raise ValueError(f"fmt must be 'auto', 'json' or 'text', got {fmt!r}")
+    if fmt == "auto":
+        isatty = getattr(sys.stderr, "isatty", None)
+        return "text" if isatty is not None and isatty() else "json"
+    return fmt
+
+
+def _one_handler_for_libraries() -> None:
+    """Libraries that print through a handler of their own and also propagate to the root
+    (huggingface_hub) would show each message twice: theirs go, ours stays."""
+    try:
+        from huggingface_hub.utils import logging as hf_logging  # noqa: F401  (adds it)
+    except ImportError:
+        return
+    hub = logging.getLogger("huggingface_hub")
+    for old in list(hub.handlers):
+        if type(old) is logging.StreamHandler and hub.propagate:
+            hub.removeHandler(old)
+
+
 def configure_logging(
     *,
-    fmt: Literal["json", "text"] = "json",
+    fmt: Literal["auto", "json", "text"] = "json",
     level: str = "INFO",
     worker: str | None = None,
 ) -> None:
     """One stderr handler on the root logger, replacing the root's handlers (idempotent).
 
     ``worker``: a name added to every record that goes through it (e.g. the Celery
-    hostname, set in each prefork child).
+    hostname, set in each prefork child). Python warnings go through it too (once each,
+    in the same format), and libraries' own duplicate handlers are removed.
     """
-    if fmt not in ("json", "text"):
-        raise ValueError(f"fmt must be 'json' or 'text', got {fmt!r}")
+    fmt = resolve_format(fmt)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     if worker is not None:
@@ -242,3 +266,5 @@ def configure_logging(
     handler._ben2q = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    logging.captureWarnings(True)
+    _one_handler_for_libraries()

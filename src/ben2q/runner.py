@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from .config import Settings
-from .engine import Engine, Prediction
-from .errors import BEN2QError, ImageTooLarge, JobTimeout, StorageError
+from .engine import Engine, Prediction, is_out_of_memory
+from .errors import BEN2QError, DeviceUnavailable, ImageTooLarge, JobTimeout, StorageError
 from .imageio import decode_image
 from .jobs import CONTENT_TYPES, ErrorInfo, JobRequest, JobStatus, mask_uri, output_uri
 from .metrics import MetricsRecorder
@@ -129,6 +129,7 @@ class JobRunner:
             return None
         status.attempts += 1
         status.state = "running"
+        status.error = None  # why it was not running (a retry, a worker lost) is past
         status.worker = self.hostname
         status.started_at = status.started_at or now
         if status.queue_wait_ms is None:
@@ -190,6 +191,25 @@ class JobRunner:
             code=err.code, message=f"{err.message}; retrying in {countdown:.1f} s"
         )
         self.store.save(run.status)
+
+    def requeue(self, runs: Sequence[JobRun], error: BEN2QError) -> None:
+        """Put the records of jobs this worker cannot finish back to ``queued`` (their
+        messages are redelivered to another worker); items done stay done."""
+        for run in runs:
+            status = run.status
+            if status.done:
+                continue
+            status.state = "queued"
+            status.worker = None
+            for item in status.items:
+                if item.state == "running":
+                    item.state = "pending"
+            status.error = ErrorInfo(
+                code=error.code,
+                message=f"worker {self.hostname or '?'} left service ({error.message}); "
+                "the job goes back to the queue",
+            )
+            self.store.save(status)
 
     def give_up(self, run: JobRun) -> JobStatus:
         """Transient errors past the retry budget become the items' failures."""
@@ -363,11 +383,6 @@ def _ms_since(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate" in text
-
-
 def run_jobs(
     runner: JobRunner,
     requests: Sequence[JobRequest],
@@ -381,6 +396,9 @@ def run_jobs(
     Exceptions of ``timeouts`` (the task layer adds Celery's soft time limit) fail the
     unfinished items with ``timeout``; running out of memory fails them with
     ``image_too_large``; anything else with ``internal``; the worker process carries on.
+    ``DeviceUnavailable`` (the device failed) is not the jobs' fault: their records go back
+    to ``queued`` and it propagates, so the worker leaves service and the jobs are
+    redelivered to another one.
     ``on_retry(run)`` schedules a retry and returns its countdown, or ``None`` when the
     retry budget is spent (then the transient errors fail their items).
     """
@@ -388,11 +406,14 @@ def run_jobs(
     failure: BEN2QError | None = None
     try:
         runner.run(runs, deadline=deadline)
+    except DeviceUnavailable as exc:
+        runner.requeue(runs, exc)
+        raise
     except timeouts as exc:
         failure = JobTimeout(f"over the time limit ({type(exc).__name__})")
     except Exception as exc:
         log.exception("jobs %s failed", [r.request.id for r in runs])
-        if _is_out_of_memory(exc):
+        if is_out_of_memory(exc):
             failure = ImageTooLarge(f"out of memory: {exc}"[:500])
         else:
             failure = BEN2QError(f"{type(exc).__name__}: {exc}"[:500])

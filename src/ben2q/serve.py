@@ -10,16 +10,20 @@ and ``file://`` storage under a local root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import get_settings
+from .health import EXIT_OUT_OF_SERVICE
 
 
 def _has_option(argv: Sequence[str], *names: str) -> bool:
@@ -45,21 +49,25 @@ def pin_gpu(gpu: int, environ: dict[str, str] | os._Environ[str] = os.environ) -
     environ.setdefault("BEN2Q_DEVICE", "cuda:0")
 
 
-def run_worker(passthrough: Sequence[str], *, queues: str | None, gpu: int | None) -> int:
-    """Run one worker in this process (returns when it stops)."""
+def run_worker(
+    passthrough: Sequence[str], *, queues: str | None, gpu: int | None, quiet: bool = False
+) -> int:
+    """Run one worker in this process; returns its exit status when it stops
+    (``EXIT_OUT_OF_SERVICE`` if it could not run jobs)."""
     if gpu is not None:
         pin_gpu(gpu)
     get_settings.cache_clear()
     # after the environment is final: the app reads Settings
-    from .worker import ConfigurationError, app, check_visibility_timeout
+    from .worker import ConfigurationError, app, check_visibility_timeout, guard
 
     try:
         check_visibility_timeout(app.conf.ben2q_settings)
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app.worker_main(worker_argv(passthrough, queues=queues, gpu=gpu))
-    return 0
+    argv = worker_argv(passthrough, queues=queues, gpu=gpu)
+    app.worker_main(["--quiet", *argv] if quiet else argv)
+    return guard.exitcode or 0  # EXIT_OUT_OF_SERVICE when it could not run jobs
 
 
 def visible_gpus(spec: str) -> list[int]:
@@ -71,8 +79,80 @@ def visible_gpus(spec: str) -> list[int]:
     return list(range(torch.cuda.device_count()))
 
 
-def supervise(commands: dict[str, list[str]], env: dict[str, str] | None = None) -> int:
-    """Run the commands, restart any that dies (with backoff), stop all on SIGTERM/SIGINT."""
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the child gets SIGTERM if its supervisor dies, instead of running on alone."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(cmd: list[str], env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen:
+    """A supervised child in its own session: a Ctrl-C at the terminal reaches only the
+    supervisor, which stops its children once each and in order (workers, then Redis)."""
+    return subprocess.Popen(
+        cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent, **kwargs
+    )
+
+
+class Supervisor:
+    """Runs named commands, restarts one that dies (with backoff), and does not restart
+    one that exits ``EXIT_OUT_OF_SERVICE`` (it cannot run jobs; it said why in its log):
+    that one is reported and left stopped."""
+
+    def __init__(
+        self,
+        commands: dict[str, list[str]],
+        env: dict[str, str] | None = None,
+        *,
+        report: bool = True,
+    ) -> None:
+        self.commands = commands
+        self.env = env
+        self.report = report
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts = dict.fromkeys(commands, 0)
+        self.out_of_service: list[str] = []
+
+    def start(self) -> None:
+        self.procs = {name: spawn(cmd, self.env) for name, cmd in self.commands.items()}
+
+    def poll(self) -> None:
+        """Handle the commands that exited since the last call."""
+        for name, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            if code == EXIT_OUT_OF_SERVICE:
+                del self.procs[name]
+                self.out_of_service.append(name)
+                if self.report:
+                    print(
+                        f"{name} cannot run jobs (see its last log line); not restarted",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                continue
+            self.restarts[name] += 1
+            delay = min(60, 2 ** self.restarts[name])
+            print(f"{name} exited ({code}); restarting in {delay} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+            self.procs[name] = spawn(self.commands[name], self.env)
+
+    @property
+    def running(self) -> bool:
+        return bool(self.procs)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # warm shutdown: running jobs finish
+        for proc in self.procs.values():
+            proc.wait()
+
+
+def _stop_on_signals() -> Callable[[], bool]:
+    """SIGTERM/SIGINT set a flag instead of raising; returns its reader."""
     stopping = False
 
     def stop(signum: int, _frame: object) -> None:
@@ -81,25 +161,21 @@ def supervise(commands: dict[str, list[str]], env: dict[str, str] | None = None)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    procs = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}
-    restarts = dict.fromkeys(commands, 0)
-    while not stopping:
+    return lambda: stopping
+
+
+def supervise(commands: dict[str, list[str]], env: dict[str, str] | None = None) -> int:
+    """Run the commands until SIGTERM/SIGINT; 0, or ``EXIT_OUT_OF_SERVICE`` when every one
+    of them stopped because it cannot run jobs."""
+    stopping = _stop_on_signals()
+    sup = Supervisor(commands, env)
+    sup.start()
+    while not stopping() and sup.running:
         time.sleep(0.5)
-        for name, proc in procs.items():
-            if proc.poll() is not None and not stopping:
-                restarts[name] += 1
-                delay = min(60, 2 ** restarts[name])
-                print(
-                    f"{name} exited ({proc.returncode}); restarting in {delay} s", file=sys.stderr
-                )
-                time.sleep(delay)
-                procs[name] = subprocess.Popen(commands[name], env=env)
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # warm shutdown: running jobs finish
-    for proc in procs.values():
-        proc.wait()
-    return 0
+        if not stopping():
+            sup.poll()
+    sup.stop()
+    return 0 if sup.running or not sup.out_of_service else EXIT_OUT_OF_SERVICE
 
 
 def run_gpus(spec: str, passthrough: Sequence[str], *, queues: str | None) -> int:
@@ -114,23 +190,35 @@ def run_gpus(spec: str, passthrough: Sequence[str], *, queues: str | None) -> in
     return supervise({f"gpu{g}": base + ["--gpu", str(g), *passthrough] for g in gpus})
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_up(*, root: Path, port: int, passthrough: Sequence[str]) -> int:
-    """Redis + one worker + file:// storage under ``root``, until interrupted."""
+    """Redis + one worker + file:// storage under ``root``, until interrupted.
+
+    For a person at a terminal: readable logs (unless ``BEN2Q_LOG_FORMAT`` says otherwise),
+    no Celery banner, "ben2q is up" only once the model is warm, and if the worker cannot
+    run jobs, its one-line reason and a non-zero exit instead of a service that hangs."""
+    from .health import WorkerFiles, check_workers
+
     redis = shutil.which("redis-server")
     if redis is None:
-        print("error: redis-server not found (apt-get install redis-server)", file=sys.stderr)
+        print(
+            "error: redis-server is not installed: `apt-get install redis-server` "
+            "(or run `bash scripts/setup.sh` as root)",
+            file=sys.stderr,
+        )
         return 2
     root = root.resolve()
-    data = root / ".ben2q" / "redis"
+    state = root / ".ben2q"
+    data = state / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    if port == 0:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    port = port or _free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    redis_proc = subprocess.Popen(
+    redis_proc = spawn(
         [
             redis,
             "--port",
@@ -146,21 +234,65 @@ def run_up(*, root: Path, port: int, passthrough: Sequence[str]) -> int:
         ],
         stdout=subprocess.DEVNULL,
     )
-    env = {**os.environ, "BEN2Q_BROKER_URL": url, "BEN2Q_LOCAL_ROOT": str(root)}
+    health_dir = Path(os.environ.get("BEN2Q_HEALTH_DIR") or state / "health")
+    env = {
+        **os.environ,
+        "BEN2Q_BROKER_URL": url,
+        "BEN2Q_LOCAL_ROOT": str(root),
+        "BEN2Q_HEALTH_DIR": str(health_dir),
+    }
+    env.setdefault("BEN2Q_LOG_FORMAT", "text")
+    node = f"ben2q@{socket.gethostname()}"
+    WorkerFiles(health_dir, node).start()  # no previous run's state
     print(
-        f"ben2q is up: broker {url}, local root {root}\n"
-        f"  export BEN2Q_BROKER_URL={url} BEN2Q_LOCAL_ROOT={root}\n"
-        f"  ben2q submit file://{root}/photo.jpg --output file://{root}/out/ --wait\n"
-        "Ctrl-C stops the worker and Redis.",
-        flush=True,
+        f"starting Redis on {url} and a worker (loading the model)...", file=sys.stderr, flush=True
     )
+    stopping = _stop_on_signals()
+    sup = Supervisor(
+        {
+            "worker": [
+                sys.executable,
+                "-m",
+                "ben2q.cli",
+                "worker",
+                "--quiet",
+                "--hostname",
+                node,
+                *passthrough,
+            ]
+        },
+        env,
+        report=False,  # the closing line below says it
+    )
+    announced = False
     try:
-        return supervise(
-            {"worker": [sys.executable, "-m", "ben2q.cli", "worker", *passthrough]}, env=env
-        )
+        sup.start()
+        while not stopping() and sup.running:
+            time.sleep(0.2)
+            if stopping():
+                break
+            sup.poll()
+            if not announced and check_workers(health_dir, name=node, ready=True).ok:
+                announced = True
+                print(
+                    f"ben2q is up: broker {url}, local root {root}\n"
+                    f"  export BEN2Q_BROKER_URL={url} BEN2Q_LOCAL_ROOT={root} "
+                    f"BEN2Q_HEALTH_DIR={health_dir}\n"
+                    f"  ben2q submit file://{root}/photo.jpg --output file://{root}/out/ --wait\n"
+                    "Ctrl-C stops the worker and Redis.",
+                    flush=True,
+                )
+        sup.stop()
     finally:
         redis_proc.terminate()
         redis_proc.wait(20)
+    if sup.out_of_service:
+        print(
+            "ben2q up stopped: the worker cannot run jobs (the reason is the line above)",
+            file=sys.stderr,
+        )
+        return EXIT_OUT_OF_SERVICE
+    return 0
 
 
 def flower_command(passthrough: Sequence[str], *, port: int) -> tuple[list[str], dict[str, str]]:

@@ -36,10 +36,10 @@ from pydantic import ValidationError
 
 from .broker import TASK_BATCH, TASK_REMOVE, TASK_WEBHOOK
 from .config import Settings
-from .errors import JobTimeout
+from .errors import DeviceUnavailable, JobTimeout
 from .jobs import ErrorInfo, JobRequest, JobStatus, WebhookAttempt
 from .runner import JobRun, run_jobs
-from .worker import app, state, webhook_time_limits
+from .worker import app, guard, leave_service, state, webhook_time_limits
 
 log = logging.getLogger(__name__)
 settings: Settings = app.conf.ben2q_settings
@@ -142,6 +142,7 @@ class BatchedJobTask(Batches):
 
         def on_return(_: Any) -> None:
             self._done()
+            guard.job_finished()
             runtime = time.monotonic() - started
             for req in requests:
                 req.send_event("task-succeeded", result="null", runtime=runtime)
@@ -206,8 +207,10 @@ def _fail_timed_out(kwargs_list: list[dict[str, Any]]) -> None:
 def remove(self: BatchedJobTask, requests: list[SimpleRequest]) -> int:
     """Single-image jobs, several at a time: one shared, batched pass."""
     parsed = [r for r in (_parse(req.kwargs) for req in requests) if r is not None]
-    runner = state.runner()
-    run_jobs(runner, parsed, timeouts=TIMEOUTS, on_retry=_retry)
+    try:
+        run_jobs(state.runner(), parsed, timeouts=TIMEOUTS, on_retry=_retry)
+    except DeviceUnavailable as exc:
+        leave_service(exc)  # exits this process: the parent requeues the jobs
     return len(parsed)
 
 
@@ -218,6 +221,11 @@ class BatchJobMessage(Request):
         super().on_timeout(soft, timeout)
         if not soft:
             _fail_timed_out([self.kwargs])
+
+    def on_success(self, failed__retval__runtime: Any, **kwargs: Any) -> None:
+        super().on_success(failed__retval__runtime, **kwargs)
+        if not failed__retval__runtime[0]:
+            guard.job_finished()
 
 
 @app.task(
@@ -232,7 +240,11 @@ def batch(self: Any, request: dict[str, Any]) -> str | None:
     parsed = _parse({"request": request})
     if parsed is None:
         return None
-    [status] = run_jobs(state.runner(), [parsed], timeouts=TIMEOUTS, on_retry=_retry)
+    try:
+        [status] = run_jobs(state.runner(), [parsed], timeouts=TIMEOUTS, on_retry=_retry)
+    except DeviceUnavailable as exc:
+        leave_service(exc)  # exits this process: the job is requeued (reject_on_worker_lost)
+        raise  # not reached
     return status.state if status else None
 
 

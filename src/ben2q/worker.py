@@ -17,22 +17,39 @@ unacknowledged job of a worker that vanished entirely comes back after
 - every ``renew_interval`` seconds it renews the visibility of every message it holds
   (``RenewVisibility``), so batch jobs, whose limits grow with their size, and jobs
   prefetched behind them are not redelivered either, however long they take.
+
+A worker is either able to run jobs or not running. ``ModelReady`` sits between the pool
+and the consumer: the worker takes no job until its pool process has loaded the model and
+run the warm-up forward; a process that cannot (no weights, corrupt weights, no device,
+out of memory) records the reason and exits, and the worker exits with
+``EXIT_OUT_OF_SERVICE`` and that one line. Later, ``Heartbeat`` touches the liveness file
+from the consumer loop and watches the pool: a device failure during a job, or a pool
+process dying ``BEN2Q_WORKER_MAX_CHILD_FAILURES`` times in a row with no job finished in
+between, takes the worker out of service the same way; the jobs it holds go back to the
+queue. The probe files are described in ``ben2q.health``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
+import warnings
 from typing import Any
 
 from celery import Celery, bootsteps
-from celery.signals import celeryd_init, setup_logging, worker_process_init
+from celery.exceptions import SecurityWarning
+from celery.signals import celeryd_init, setup_logging, worker_process_init, worker_shutdown
+from celery.worker import state as worker_state
+from celery.worker.consumer import Consumer
 from kombu import Queue
 
 from .broker import celery_config
 from .config import Settings, get_settings
+from .errors import BEN2QError
+from .health import EXIT_OUT_OF_SERVICE, WorkerFiles
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +129,10 @@ def worker_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": 1,
         # Enough reserved messages to fill a batch while the previous one runs.
         "worker_prefetch_multiplier": prefetch(settings),
-        # Loading BEN2 and its warm-up forward happen before the child reports for work.
-        "worker_proc_alive_timeout": 900,
+        # Loading BEN2 and its warm-up forward happen before the child reports for work
+        # (``ModelReady`` bounds that wait by BEN2Q_MODEL_LOAD_TIMEOUT).
+        "worker_proc_alive_timeout": settings.model_load_timeout + 30,
+        "worker_consumer": "ben2q.worker:HeartbeatConsumer",
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "broker_connection_retry": True,
@@ -128,8 +147,10 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = Celery("ben2q", include=["ben2q.tasks"])
     app.conf.update(worker_config(s))
     app.conf.ben2q_settings = s
+    app.steps["worker"].add(ModelReady)
     app.steps["consumer"].add(RenewVisibility)
     app.steps["consumer"].add(RearmBatchFlush)
+    app.steps["consumer"].add(Heartbeat)
     return app
 
 
@@ -202,6 +223,223 @@ class RearmBatchFlush(bootsteps.StartStopStep):
                 task._tref = parent.timer.call_repeatedly(task.flush_interval, task._do_flush)
 
 
+# --- in service or out: the main process's watch over its pool --------------------------
+
+
+def describe_exit(code: int | None) -> str:
+    """``exit code 3`` or ``signal SIGKILL`` for a process's exit status."""
+    if code is None:
+        return "no exit status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def pool_processes(pool: Any) -> list[Any]:
+    """The prefork pool's processes (billiard ``Process`` objects); [] for other pools."""
+    procs = getattr(getattr(pool, "_pool", None), "_pool", None)
+    return list(procs) if isinstance(procs, list) else []
+
+
+class ServiceGuard:
+    """Decides, in the worker's main process, when the worker must leave service.
+
+    ``observe`` is called on every heartbeat with the pool's processes. A pid that is gone
+    from the pool died (killed at a hard time limit, crashed, or exited out of service). The
+    worker leaves service when a pool process recorded a reason (``failed``: the model
+    could not load, the device failed), or when ``max_failures`` processes died in a row
+    without a job finishing in between: a model that keeps dying must not keep taking jobs.
+    """
+
+    def __init__(self) -> None:
+        self.files: WorkerFiles | None = None
+        self.max_failures = 3
+        self.known: dict[int, Any] = {}
+        self.deaths = 0
+        self.last_exit: int | None = None
+        self.leaving = False
+        self.exitcode: int | None = None
+
+    def attach(self, files: WorkerFiles, max_failures: int) -> None:
+        self.files, self.max_failures = files, max_failures
+
+    def beat(self) -> None:
+        if self.files is not None:
+            self.files.beat()
+
+    def job_finished(self) -> None:
+        """A job ran to its end on the model: the deaths before it were not in a row."""
+        self.deaths = 0
+
+    def watch(self, processes: list[Any]) -> None:
+        self.known = {p.pid: p for p in processes if p.pid}
+
+    def observe(self, processes: list[Any]) -> str | None:
+        """The reason to leave service, if there is one now."""
+        current = {p.pid: p for p in processes if p.pid}
+        for pid, proc in self.known.items():
+            if pid not in current:
+                self.deaths += 1
+                self.last_exit = proc.exitcode
+                if self.files is not None:
+                    self.files.forget_process(pid)
+                log.warning(
+                    "pool process %d died (%s); %d in a row without a finished job",
+                    pid,
+                    describe_exit(self.last_exit),
+                    self.deaths,
+                )
+        self.known = current
+        if self.files is None:
+            return None
+        reason = self.files.failure()
+        if reason is None and self.deaths >= self.max_failures:
+            reason = (
+                f"its pool process died {self.deaths} times in a row without finishing a job "
+                f"(last: {describe_exit(self.last_exit)}); see the log above"
+            )
+            self.files.mark_failed(reason)
+        return reason
+
+
+guard = ServiceGuard()
+
+
+def consumes_model_jobs(app: Celery) -> bool:
+    """Whether this worker takes image jobs (a webhook-only worker needs no model)."""
+    settings: Settings = app.conf.ben2q_settings
+    selected = getattr(app.amqp.queues, "consume_from", None) or app.amqp.queues
+    return settings.queue in selected
+
+
+class ModelReady(bootsteps.StartStopStep):
+    """Worker step between the pool and the consumer: the worker consumes no job until
+    every pool process holds a warm model (its ``ready-<pid>`` file), and exits with
+    ``EXIT_OUT_OF_SERVICE`` and the one-line reason if one cannot get there."""
+
+    requires = ("celery.worker.components:Pool",)
+    label = "ModelReady"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.files: WorkerFiles | None = None
+
+    def start(self, parent: Any) -> None:
+        settings: Settings = parent.app.conf.ben2q_settings
+        files = self.files = WorkerFiles(settings.health_dir, parent.hostname)
+        files.start()
+        guard.attach(files, settings.worker_max_child_failures)
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            log.warning("running as root: run workers as an unprivileged user in production")
+        procs = pool_processes(parent.pool)
+        if not consumes_model_jobs(parent.app):
+            guard.watch(procs)
+            if not procs:  # a threads/solo pool: nothing else would say it is ready
+                files.mark_ready({"model": "none", "device": "-", "precision": "-"})
+            return  # a webhook-only worker needs no model
+        if not procs:
+            self._leave("image jobs need the prefork pool (one process per model)")
+        deadline = time.monotonic() + settings.model_load_timeout
+        next_beat = 0.0
+        while True:
+            ready = files.ready_processes()
+            if all(p.pid in ready for p in procs):
+                break
+            for proc in procs:
+                if proc.pid not in ready and proc.exitcode is not None:
+                    self._leave(
+                        files.failure()
+                        or f"its pool process exited while loading the model "
+                        f"({describe_exit(proc.exitcode)})"
+                    )
+            if time.monotonic() > deadline:
+                self._leave(
+                    f"the model was not ready after {settings.model_load_timeout:g} s "
+                    "(BEN2Q_MODEL_LOAD_TIMEOUT)"
+                )
+            if time.monotonic() >= next_beat:
+                files.beat()  # waiting for the model is being alive
+                next_beat = time.monotonic() + settings.heartbeat_interval
+            time.sleep(0.05)
+        guard.watch(procs)
+
+    def _leave(self, reason: str) -> None:
+        assert self.files is not None
+        self.files.mark_failed(reason)
+        log.critical("cannot run jobs: %s", reason)
+        raise SystemExit(EXIT_OUT_OF_SERVICE)
+
+    def stop(self, parent: Any) -> None:
+        if self.files is not None:
+            self.files.draining()  # no longer ready while the running job finishes
+
+    shutdown = stop
+
+
+class Heartbeat(bootsteps.StartStopStep):
+    """Consumer step: every ``BEN2Q_HEARTBEAT_INTERVAL`` seconds, from the consumer's own
+    event loop, touch the liveness file and check whether the worker must leave service
+    (then a warm shutdown with ``EXIT_OUT_OF_SERVICE``: prefetched jobs go back to the
+    queue, a running one finishes)."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+
+    def start(self, parent: Any) -> None:
+        settings: Settings = parent.app.conf.ben2q_settings
+        self.tick(parent)
+        self.tref = parent.timer.call_repeatedly(
+            settings.heartbeat_interval, self.tick, (parent,), priority=10
+        )
+        if guard.files is not None and not guard.leaving:
+            guard.files.consumer_started()
+
+    def tick(self, parent: Any) -> None:
+        guard.beat()
+        reason = guard.observe(pool_processes(parent.pool))
+        if reason is not None and not guard.leaving:
+            guard.leaving = True
+            if guard.files is not None:
+                guard.files.draining()
+            log.critical("leaving service: %s", reason)
+            worker_state.should_stop = EXIT_OUT_OF_SERVICE
+
+    def stop(self, parent: Any) -> None:
+        if guard.files is not None:
+            guard.files.consumer_stopped()
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    shutdown = stop
+
+
+class HeartbeatConsumer(Consumer):
+    """Celery's consumer, also beating while it retries an unreachable broker: a worker
+    waiting for Redis is alive (its liveness must not fail and restart it, losing its warm
+    model, while the broker is away)."""
+
+    def ensure_connected(self, conn: Any) -> Any:
+        ensure = conn.ensure_connection
+
+        def beating(errback: Any = None, *args: Any, **kwargs: Any) -> Any:
+            def on_error(exc: Exception, interval: float) -> None:
+                guard.beat()
+                if errback is not None:
+                    errback(exc, interval)
+
+            return ensure(on_error, *args, **kwargs)
+
+        conn.ensure_connection = beating
+        return super().ensure_connected(conn)
+
+
 app = create_app()
 
 
@@ -213,6 +451,7 @@ class _ProcessState:
         self.hostname = os.environ.get("BEN2Q_WORKER_NAME", "")
         self._runner = None
         self._store = None
+        self.model_info: dict[str, Any] = {}
 
     def runner(self):
         """The process's ``JobRunner`` around the warm engine (built on first use)."""
@@ -226,6 +465,12 @@ class _ProcessState:
                 settings: Settings = app.conf.ben2q_settings
                 engine = Engine.load(settings=settings)
                 seconds = engine.warmup()
+                self.model_info = {
+                    "model": engine.spec.name,
+                    "device": str(engine.device),
+                    "precision": str(engine.dtype).removeprefix("torch."),
+                    "warmup_s": round(seconds, 3),
+                }
                 log.info(
                     "BEN2 %s ready on %s (%s), warm-up %.2f s",
                     engine.spec.name,
@@ -291,6 +536,32 @@ def notify(status: Any, event: str) -> None:
     )
 
 
+def health_files() -> WorkerFiles:
+    settings: Settings = app.conf.ben2q_settings
+    return WorkerFiles(settings.health_dir, state.hostname or "ben2q")
+
+
+def one_line(exc: BaseException) -> str:
+    """``code: message`` of an error, on one line."""
+    if isinstance(exc, BEN2QError):
+        text = f"{exc.code}: {exc.message}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+def leave_service(exc: BaseException) -> None:
+    """In a pool process: record why this worker cannot run jobs and exit at once.
+
+    The main process reports the reason once and exits (before taking any job when this
+    happens at start-up); the jobs this process held go back to the queue."""
+    log.debug("out of service", exc_info=exc)
+    health_files().mark_failed(one_line(exc))
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(EXIT_OUT_OF_SERVICE)
+
+
 @celeryd_init.connect
 def _refuse_unsafe_delivery(**_: Any) -> None:
     """``celery -A ben2q.worker worker`` refuses what ``ben2q worker`` refuses."""
@@ -306,6 +577,21 @@ def _remember_hostname(sender: str | None = None, **_: Any) -> None:
         state.hostname = sender
 
 
+@celeryd_init.connect
+def _one_line_root_warning(**_: Any) -> None:
+    """Celery's multi-line superuser warning becomes one line, logged once logging is set
+    up (``ModelReady``): JSON serialisation only, so no pickle; running as root is a
+    hardening matter."""
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+
+
+@worker_shutdown.connect
+def _probe_files_gone(sender: Any = None, **_: Any) -> None:
+    guard.exitcode = getattr(sender, "exitcode", None)
+    if guard.files is not None:
+        guard.files.stopped()
+
+
 @setup_logging.connect
 def _logging(loglevel: Any = None, **_: Any) -> None:
     """Our handler instead of Celery's: JSON lines (or text) with job ids, secrets redacted."""
@@ -318,6 +604,7 @@ def _logging(loglevel: Any = None, **_: Any) -> None:
 
 @worker_process_init.connect
 def _load_model(**_: Any) -> None:
+    """In each pool process, before it reports for work: the warm model, or out of service."""
     # A forked child must not share the parent's Redis connections.
     state._store = None
     if state.hostname:
@@ -329,4 +616,11 @@ def _load_model(**_: Any) -> None:
             level=logging.getLevelName(logging.getLogger().level),
             worker=state.hostname,
         )
-    state.runner()
+    if not consumes_model_jobs(app):
+        health_files().mark_ready({"model": "none", "device": "-", "precision": "-"})
+        return
+    try:
+        state.runner()
+    except BaseException as exc:  # whatever it is, this process cannot run jobs
+        leave_service(exc)
+    health_files().mark_ready(state.model_info)

@@ -9,9 +9,12 @@ path the published ``BEN2_Base.pth`` comes through ``huggingface_hub``'s own cac
 from __future__ import annotations
 
 import math
+import os
+import socket
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -21,17 +24,37 @@ from ..errors import WeightsUnavailable
 from .specs import ModelSpec
 
 HOW_TO_SUPPLY = (
-    "supply weights with weights_path=... or BEN2Q_WEIGHTS=/path/to/BEN2_Base.pth "
-    "(.pth or .safetensors), or put the file into the Hugging Face cache while online "
-    "(`hf download PramaLLC/BEN2 BEN2_Base.pth`) and point HF_HOME at that cache"
+    "set BEN2Q_WEIGHTS=/path/to/BEN2_Base.pth (.pth or .safetensors; weights_path= in "
+    "Python), or fill the Hugging Face cache where there is network: "
+    "`hf download PramaLLC/BEN2 BEN2_Base.pth`"
 )
+
+
+def _hub_unreachable_reason() -> str | None:
+    """Why the hub cannot be asked at all (offline mode, or its host does not resolve), or
+    None. Asking anyway would retry for about 20 s before giving the same answer."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE)"
+    host = urlsplit(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return f"the hub cannot be reached ({host} does not resolve)"
+    return None
 
 
 def hub_weights_path(
     *, repo_id: str = "PramaLLC/BEN2", filename: str = "BEN2_Base.pth", revision: str | None = None
 ) -> Path:
-    """The checkpoint's path in the hub cache, downloading it if allowed and needed."""
-    from huggingface_hub import hf_hub_download
+    """The checkpoint's path in the hub cache, downloading it if allowed and needed.
+
+    The error says in one line why there is none and what to do: the exact setting, and
+    the command that fills the cache this process reads (``HF_HOME`` as it is here)."""
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
@@ -40,8 +63,13 @@ def hub_weights_path(
         RepositoryNotFoundError,
     )
 
+    unreachable = _hub_unreachable_reason()
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
+        return Path(
+            hf_hub_download(
+                repo_id, filename, revision=revision, local_files_only=unreachable is not None
+            )
+        )
     except (
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
@@ -51,10 +79,21 @@ def hub_weights_path(
         OSError,
         ValueError,
     ) as exc:
+        fill = f"hf download {repo_id} {filename}"
+        if os.environ.get("HF_HOME"):
+            fill = f"HF_HOME={os.environ['HF_HOME']} {fill}"
+        if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
+            why = unreachable or "the hub cannot be reached"
+            detail = (
+                f"{filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}"
+            )
+        else:
+            first = str(exc).splitlines()[0] if str(exc) else "no detail"
+            detail = f"the hub refused {repo_id}/{filename} ({type(exc).__name__}: {first})"
         raise WeightsUnavailable(
-            f"cannot get {filename} from the Hugging Face repository {repo_id} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
-            f"{HOW_TO_SUPPLY}"
+            f"no BEN2 weights: {detail}; set BEN2Q_WEIGHTS=/path/to/{filename} (.pth or "
+            f".safetensors; weights_path= in Python), or fill the cache where there is "
+            f"network: `{fill}`"
         ) from exc
 
 
