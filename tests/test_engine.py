@@ -119,3 +119,48 @@ def test_cpu_forwards_one_image_at_a_time_by_default_with_the_same_result(tiny_e
     assert (one_by_one - together).abs().max() < 1e-4
     with pytest.raises(ValueError, match="forward_batch"):
         Engine(tiny_engine.model, device="cpu", forward_batch=0)
+
+
+def test_a_device_that_is_not_here_is_refused_at_once():
+    from ben2q.engine import resolve_device
+    from ben2q.errors import DeviceUnavailable
+
+    with pytest.raises(DeviceUnavailable, match="BEN2Q_DEVICE=cudo is not a device name"):
+        resolve_device("cudo")
+    with pytest.raises(DeviceUnavailable, match="only cpu and cuda are supported"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailable, match="BEN2Q_DEVICE=cuda:1: .*BEN2Q_DEVICE=cpu"):
+            resolve_device("cuda:1")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_device_failures_are_told_apart_from_bad_inputs_and_memory():
+    from ben2q.engine import is_device_failure
+
+    assert is_device_failure(torch.AcceleratorError("CUDA error: an illegal memory access"))
+    assert is_device_failure(RuntimeError("CUDA error: device-side assert triggered"))
+    assert is_device_failure(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling ..."))
+    assert not is_device_failure(torch.OutOfMemoryError("CUDA out of memory. Tried to ..."))
+    assert not is_device_failure(RuntimeError("shape '[1, 3]' is invalid for input of size 4"))
+    assert not is_device_failure(ValueError("CUDA error"))
+
+
+def test_the_warm_up_and_later_forwards_translate_device_failures(tiny_engine, monkeypatch):
+    from ben2q.errors import DeviceUnavailable
+
+    engine = Engine(tiny_engine.model, device="cpu")
+
+    def out_of_memory(x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine.model, "forward", out_of_memory)
+    with pytest.raises(DeviceUnavailable, match="out of memory in the warm-up forward on cpu"):
+        engine.warmup()
+
+    def failed(x):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine.model, "forward", failed)
+    with pytest.raises(DeviceUnavailable, match="cpu failed: CUDA error: an illegal memory"):
+        engine.predict([Image.new("RGB", (32, 24))])
