@@ -31,6 +31,7 @@ queue. The probe files are described in ``ben2q.health``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -330,7 +331,16 @@ class ModelReady(bootsteps.StartStopStep):
     def start(self, parent: Any) -> None:
         settings: Settings = parent.app.conf.ben2q_settings
         files = self.files = WorkerFiles(settings.health_dir, parent.hostname)
-        files.start()
+        try:
+            files.start()
+        except OSError as exc:
+            log.critical(
+                "cannot run jobs: cannot write the probe files in BEN2Q_HEALTH_DIR=%s (%s); "
+                "point BEN2Q_HEALTH_DIR at a writable directory",
+                settings.health_dir,
+                exc,
+            )
+            raise SystemExit(EXIT_OUT_OF_SERVICE) from None
         guard.attach(files, settings.worker_max_child_failures)
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             log.warning("running as root: run workers as an unprivileged user in production")
@@ -616,11 +626,12 @@ def _load_model(**_: Any) -> None:
             level=logging.getLevelName(logging.getLogger().level),
             worker=state.hostname,
         )
-    if not consumes_model_jobs(app):
-        health_files().mark_ready({"model": "none", "device": "-", "precision": "-"})
-        return
-    try:
-        state.runner()
-    except BaseException as exc:  # whatever it is, this process cannot run jobs
-        leave_service(exc)
-    health_files().mark_ready(state.model_info)
+    info = {"model": "none", "device": "-", "precision": "-"}
+    if consumes_model_jobs(app):
+        try:
+            state.runner()
+        except BaseException as exc:  # whatever it is, this process cannot run jobs
+            leave_service(exc)
+        info = state.model_info
+    with contextlib.suppress(OSError):  # the main process checked the directory already
+        health_files().mark_ready(info)
