@@ -3,7 +3,7 @@
     .venv/bin/python bench/load.py                   # 1000 jobs of 160x120, kill at 50 %
     .venv/bin/python bench/load.py --jobs 100 --kill-at 0.3 --max-batch 2 --visibility-timeout 40
 
-Starts its own redis-server and moto S3 server on loopback and two real ``ben2q worker``
+Starts its own redis-server and SeaweedFS S3 server on loopback and two real ``ben2q worker``
 processes (tiny spec, CPU, a short ``BEN2Q_VISIBILITY_TIMEOUT`` that still satisfies the
 worker's rule ``prefetch × hard limit + 5 s``). Submits every job at once (single-image
 jobs, cross-job batched), SIGKILLs worker 1 (parent and prefork child) once ``--kill-at`` of
@@ -121,8 +121,8 @@ def main() -> None:
 
 def run(args, w: int, h: int, tmp: Path, redis, s3srv, workers: list[Worker]) -> None:
     s3 = s3srv.client()
-    s3.create_bucket(Bucket="load-in")
-    s3.create_bucket(Bucket="load-out")
+    s3srv.create_bucket("load-in")
+    s3srv.create_bucket("load-out")
     uris = []
     for i in range(args.distinct):
         buf = io.BytesIO()

@@ -9,7 +9,7 @@ means). Every case runs
   refused for the guarded cases; an injected address policy for the redirects), with good
   images among the cases, so a bad item must fail alone there too. Cases marked
   ``library_model=False`` (colour-mode conversions, hostile names) are only decoded there;
-* through the **queue**: two real workers share the module (tiny model, moto S3, real
+* through the **queue**: two real workers share the module (tiny model, SeaweedFS S3, real
   Redis). ``main`` allows private URLs (the test servers are on loopback) and has a 2 s
   ``BEN2Q_FETCH_TIMEOUT``; ``guarded`` has ``BEN2Q_ALLOW_PRIVATE_URLS=false`` and its own
   queue. Each bad input shares a batch job with good ones (``[bad, bad, good, bad, bad,
