@@ -98,6 +98,35 @@ def test_s3_missing_key_and_bucket_are_not_found(storage, bucket):
     assert not storage.exists("s3://no-such-bucket-ben2q/x.png")
 
 
+def test_s3_keys_the_store_refuses_fail_at_once_as_invalid(storage, bucket, s3_server):
+    """AWS takes any UTF-8 key up to 1024 bytes; SeaweedFS answers 400 InvalidRequest to a
+    NUL, to ``.``/``..`` segments and to ``\\`` (its path separator) around them. The same
+    key never succeeds later: an invalid input, after one request (no retries)."""
+    sends: list[str] = []
+    storage._s3().meta.events.register(
+        "before-send.s3.GetObject", lambda **kw: sends.append(kw["event_name"])
+    )
+    for key in ("names/a\x00b.png", "a/../../x.png", "names/..\\..\\x.png", "a/./b.png"):
+        sends.clear()
+        with pytest.raises(InvalidRequest) as err:
+            storage.read(f"s3://{bucket}/{key}")
+        assert err.value.field == "input"
+        assert "InvalidRequest" in err.value.message
+        assert len(sends) == 1
+    with pytest.raises(NotFound):  # a plain missing key stays not_found
+        storage.read(f"s3://{bucket}/names/a.png")
+    puts: list[str] = []
+    storage._s3().meta.events.register(
+        "before-send.s3.PutObject", lambda **kw: puts.append(kw["event_name"])
+    )
+    with pytest.raises(InvalidRequest) as werr:
+        storage.write(f"s3://{bucket}/odd/../../j/0000-a.png", b"x", content_type="image/png")
+    assert werr.value.field == "output"
+    assert "InvalidRequest" in werr.value.message
+    assert len(puts) == 1
+    assert "Contents" not in s3_server.client().list_objects_v2(Bucket=bucket)
+
+
 def test_s3_write_to_missing_bucket_is_upload_failed(storage):
     with pytest.raises(UploadFailed) as err:
         storage.write("s3://no-such-bucket-ben2q/o.png", b"x", content_type="image/png")
