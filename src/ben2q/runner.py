@@ -73,7 +73,7 @@ class _Item:
 def encode_output(prediction: Prediction, fmt: str) -> bytes:
     """RGBA PNG (ben2q.png: fast, multi-threaded deflate) or lossless WebP."""
     if fmt != "webp":
-        return encode_png(prediction.rgba())
+        return encode_png(prediction.rgb, alpha=prediction.alpha)  # no RGBA copy first
     buf = io.BytesIO()
     # exact: keep the colours under transparent pixels (libwebp would drop them)
     prediction.to_image().save(buf, format="WEBP", lossless=True, exact=True, quality=50, method=2)
