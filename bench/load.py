@@ -22,7 +22,8 @@ growth is judged from those medians (single samples swing with the allocator).
 One run of ``.venv/bin/python bench/load.py`` (defaults: 1000 jobs of 160x120 from 50
 distinct inputs, max batch 4, hard limit 8 s per image, visibility timeout 75 s, one torch
 thread per worker) on a 2-core AMD EPYC VM shared with another engineer's profiling runs,
-2026-11-25 (the RSS medians were added after it)::
+2026-11-25, with moto's S3 server, before the move to SeaweedFS (the RSS medians were added
+after it)::
 
     killed w1 at 255.4 s with 501 jobs ended
     jobs_lost 0   outputs_duplicated 0   outputs_missing 0   jobs_redelivered 4
