@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -248,6 +249,7 @@ def main() -> None:
         stop(worker)
     redis.stop()
     s3srv.stop()
+    shutil.rmtree(tmp / "s3", ignore_errors=True)  # SeaweedFS keeps every object on disk
 
 
 if __name__ == "__main__":
