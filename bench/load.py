@@ -3,7 +3,7 @@
     .venv/bin/python bench/load.py                   # 1000 jobs of 160x120, kill at 50 %
     .venv/bin/python bench/load.py --jobs 100 --kill-at 0.3 --max-batch 2 --visibility-timeout 40
 
-Starts its own redis-server and moto S3 server on loopback and two real ``ben2q worker``
+Starts its own redis-server and SeaweedFS S3 server on loopback and two real ``ben2q worker``
 processes (tiny spec, CPU, a short ``BEN2Q_VISIBILITY_TIMEOUT`` that still satisfies the
 worker's rule ``prefetch × hard limit + 5 s``). Submits every job at once (single-image
 jobs, cross-job batched), SIGKILLs worker 1 (parent and prefork child) once ``--kill-at`` of
@@ -21,16 +21,21 @@ growth is judged from those medians (single samples swing with the allocator).
 
 One run of ``.venv/bin/python bench/load.py`` (defaults: 1000 jobs of 160x120 from 50
 distinct inputs, max batch 4, hard limit 8 s per image, visibility timeout 75 s, one torch
-thread per worker) on a 2-core AMD EPYC VM shared with another engineer's profiling runs,
-2026-11-25 (the RSS medians were added after it)::
+thread per worker) on a 2-vCPU AMD EPYC VM (``lscpu`` family 26, Zen 5) with SeaweedFS,
+2026-12-02, load average 0.5 when it started (another engineer shares the machine)::
 
-    killed w1 at 255.4 s with 501 jobs ended
+    killed w1 at 53.0 s with 502 jobs ended
     jobs_lost 0   outputs_duplicated 0   outputs_missing 0   jobs_redelivered 4
-    by_worker w2 749, w1 251            wall 626.0 s, 1.60 jobs/s, submit 1.3 s
-    queue_wait_s p50 249.5 p99 616.9    (all 1000 submitted at once: it is the backlog)
-    end_to_end_s p50 252.6 p99 619.8
-    child_rss_mib start -> at 10 % -> peak -> end:
-        w1 420 -> 709 -> 930 -> 678 (just before the kill)   w2 429 -> 824 -> 995 -> 561
+    by_worker w2 751, w1 249            wall 150.7 s, 6.63 jobs/s, submit 1.95 s
+    queue_wait_s p50 50.0 p99 146.0     (all 1000 submitted at once: it is the backlog)
+    end_to_end_s p50 50.7 p99 146.8
+    child_rss_mib start -> at 10 % -> peak -> end (medians of the first / last third):
+        w1 346 -> 336 -> 413 -> 398 (just before the kill; 389 / 390)
+        w2 350 -> 394 -> 413 -> 333 (395 / 395)
+
+The run before it (2026-11-25, moto's S3 server, an earlier 2-core EPYC VM under another
+engineer's profiling runs) took 626 s (1.60 jobs/s), with the same counts: 0 lost, 0
+duplicated, 4 redelivered.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -117,12 +123,13 @@ def main() -> None:
             worker.kill()
         s3srv.stop()
         redis.stop()
+        shutil.rmtree(tmp / "s3", ignore_errors=True)  # SeaweedFS keeps every object on disk
 
 
 def run(args, w: int, h: int, tmp: Path, redis, s3srv, workers: list[Worker]) -> None:
     s3 = s3srv.client()
-    s3.create_bucket(Bucket="load-in")
-    s3.create_bucket(Bucket="load-out")
+    s3srv.create_bucket("load-in")
+    s3srv.create_bucket("load-out")
     uris = []
     for i in range(args.distinct):
         buf = io.BytesIO()

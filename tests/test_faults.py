@@ -1,10 +1,11 @@
 """Reliability under faults, end to end: nothing lost, nothing done twice.
 
-Real processes only: a private append-only ``redis-server`` (restarted by one test), moto's
-S3 server (behind a ``TcpProxy`` where S3 must go away), real ``ben2q worker`` processes
-(tiny network, CPU; "killed" means parent and prefork child together, as a lost machine)
-and loopback HTTP servers (slow image sources, a webhook receiver). Every test uses its own
-queues and bucket, waits for every job it submits, and kills its workers at the end.
+Real processes only: a private append-only ``redis-server`` (restarted by one test),
+SeaweedFS's S3 server (behind a ``TcpProxy`` where S3 must go away), real ``ben2q worker``
+processes (tiny network, CPU; "killed" means parent and prefork child together, as a lost
+machine) and loopback HTTP servers (slow image sources, a webhook receiver). Every test
+uses its own queues and bucket, waits for every job it submits, and kills its workers at
+the end.
 
 Each test asserts exact final states, error codes, attempt counts and the objects under
 the job's output prefix (exactly one per item, no stray keys).
@@ -61,7 +62,7 @@ class Faults:
         n = next(_names)
         self.queue = f"faults{n}"
         self.bucket = f"faults{n}"
-        self.s3.create_bucket(Bucket=self.bucket)
+        s3_server.create_bucket(self.bucket)
         self.workers: list[Worker] = []
         self.cleanups: list[Callable[[], None]] = []
 

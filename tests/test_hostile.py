@@ -9,7 +9,7 @@ means). Every case runs
   refused for the guarded cases; an injected address policy for the redirects), with good
   images among the cases, so a bad item must fail alone there too. Cases marked
   ``library_model=False`` (colour-mode conversions, hostile names) are only decoded there;
-* through the **queue**: two real workers share the module (tiny model, moto S3, real
+* through the **queue**: two real workers share the module (tiny model, SeaweedFS S3, real
   Redis). ``main`` allows private URLs (the test servers are on loopback) and has a 2 s
   ``BEN2Q_FETCH_TIMEOUT``; ``guarded`` has ``BEN2Q_ALLOW_PRIVATE_URLS=false`` and its own
   queue. Each bad input shares a batch job with good ones (``[bad, bad, good, bad, bad,
@@ -423,76 +423,88 @@ def run_queue(
     starters = [threading.Thread(target=start, args=(kind,)) for kind in envs]
     for t in starters:
         t.start()
-    for bucket in (INPUT_BUCKET, OUTPUT_BUCKET):
-        s3.create_bucket(Bucket=bucket)
-    _upload(s3)
-    jobs = _plan(ctx, root)
-    for t in starters:
-        t.join()
-    if errors:
+    try:
+        for bucket in (INPUT_BUCKET, OUTPUT_BUCKET):
+            s3.create_bucket(Bucket=bucket)
+        _upload(s3)
+        jobs = _plan(ctx, root)
+        for t in starters:
+            t.join()
+        if errors:
+            for worker in running.values():
+                worker.stop()
+            raise errors[0]
+        settings = {kind: settings_of(env) for kind, env in envs.items()}
+        with (
+            Client(settings=settings["main"]) as main,
+            Client(settings=settings["guarded"]) as guarded,
+        ):
+            clients = {"main": main, "guarded": guarded}
+            store = main.store
+            pids_before = {k: child_pids(w.proc.pid) for k, w in running.items()}
+            in_keys_before = list_keys(s3, INPUT_BUCKET)
+            files_before = walk(base)
+            assert list_keys(s3, OUTPUT_BUCKET) == set()
+            records_before = _count_records(store)
+            fields = _submit_refusals(clients, ctx)
+            records_after = _count_records(store)
+            app = Celery("hostile-raw", set_as_current=False)
+            app.conf.update(celery_config(settings["main"]))
+            try:
+                for job in jobs:
+                    if job.raw:
+                        job.job_id = _send_raw(app, store, job)
+                    else:
+                        job.job_id = (
+                            clients[job.worker].submit_batch(job.inputs, output=job.output).id
+                        )
+            finally:
+                app.close()
+            hostile_ids = _send_hostile_ids(settings["main"], root)
+            for job in jobs:
+                job.status = clients[job.worker].wait(job.job_id, timeout=300)
+            good = f"s3://{INPUT_BUCKET}/{GOOD_KEY}"
+            sentinels = {  # each worker serves a later good job
+                kind: client.wait(
+                    client.submit(good, output=f"s3://{OUTPUT_BUCKET}/later/{kind}/"), timeout=120
+                )
+                for kind, client in clients.items()
+            }
+            pids_after = {k: child_pids(w.proc.pid) for k, w in running.items()}
+        run = QueueRun(
+            jobs=jobs,
+            by_case={
+                case.name: (job, i)
+                for job in jobs
+                for i, case in enumerate(job.slots)
+                if case is not None
+            },
+            submit_fields=fields,
+            records_before_submit=records_before,
+            records_after_submit=records_after,
+            out_keys=list_keys(s3, OUTPUT_BUCKET),
+            in_keys_before=in_keys_before,
+            in_keys_after=list_keys(s3, INPUT_BUCKET),
+            files_before=files_before,
+            files_after=walk(base),
+            pids_before=pids_before,
+            pids_after=pids_after,
+            sentinels=sentinels,
+            alive={k: w.proc.poll() is None for k, w in running.items()},
+            s3=s3,
+            root=root,
+            base=base,
+            logs=logs,
+            hostile_ids=hostile_ids,
+            seconds=time.monotonic() - started,
+        )
+        return run, running
+    except BaseException:  # whatever failed, no worker outlives the module
+        for t in starters:
+            t.join()
         for worker in running.values():
             worker.stop()
-        raise errors[0]
-    settings = {kind: settings_of(env) for kind, env in envs.items()}
-    with Client(settings=settings["main"]) as main, Client(settings=settings["guarded"]) as guarded:
-        clients = {"main": main, "guarded": guarded}
-        store = main.store
-        pids_before = {k: child_pids(w.proc.pid) for k, w in running.items()}
-        in_keys_before = list_keys(s3, INPUT_BUCKET)
-        files_before = walk(base)
-        assert list_keys(s3, OUTPUT_BUCKET) == set()
-        records_before = _count_records(store)
-        fields = _submit_refusals(clients, ctx)
-        records_after = _count_records(store)
-        app = Celery("hostile-raw", set_as_current=False)
-        app.conf.update(celery_config(settings["main"]))
-        try:
-            for job in jobs:
-                if job.raw:
-                    job.job_id = _send_raw(app, store, job)
-                else:
-                    job.job_id = clients[job.worker].submit_batch(job.inputs, output=job.output).id
-        finally:
-            app.close()
-        hostile_ids = _send_hostile_ids(settings["main"], root)
-        for job in jobs:
-            job.status = clients[job.worker].wait(job.job_id, timeout=300)
-        good = f"s3://{INPUT_BUCKET}/{GOOD_KEY}"
-        sentinels = {  # each worker serves a later good job
-            kind: client.wait(
-                client.submit(good, output=f"s3://{OUTPUT_BUCKET}/later/{kind}/"), timeout=120
-            )
-            for kind, client in clients.items()
-        }
-        pids_after = {k: child_pids(w.proc.pid) for k, w in running.items()}
-    run = QueueRun(
-        jobs=jobs,
-        by_case={
-            case.name: (job, i)
-            for job in jobs
-            for i, case in enumerate(job.slots)
-            if case is not None
-        },
-        submit_fields=fields,
-        records_before_submit=records_before,
-        records_after_submit=records_after,
-        out_keys=list_keys(s3, OUTPUT_BUCKET),
-        in_keys_before=in_keys_before,
-        in_keys_after=list_keys(s3, INPUT_BUCKET),
-        files_before=files_before,
-        files_after=walk(base),
-        pids_before=pids_before,
-        pids_after=pids_after,
-        sentinels=sentinels,
-        alive={k: w.proc.poll() is None for k, w in running.items()},
-        s3=s3,
-        root=root,
-        base=base,
-        logs=logs,
-        hostile_ids=hostile_ids,
-        seconds=time.monotonic() - started,
-    )
-    return run, running
+        raise
 
 
 class Background:

@@ -75,8 +75,8 @@ def ops(redis_server, s3_server, tmp_path_factory):
         BEN2Q_FLOWER_BASIC_AUTH=FLOWER_AUTH,
     )
     s3 = s3_server.client()
-    s3.create_bucket(Bucket="ops-in")
-    s3.create_bucket(Bucket="ops-out")
+    s3_server.create_bucket("ops-in")
+    s3_server.create_bucket("ops-out")
     logs = tmp_path_factory.mktemp("ops-logs")
     worker = Worker(env, logs / "worker.log", name="ops")
     port = free_port()

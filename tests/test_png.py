@@ -151,3 +151,40 @@ def test_a_flat_matte_compresses_to_almost_nothing() -> None:
 def test_rejects_what_it_cannot_write(pixels: np.ndarray, error: type, words: str) -> None:
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
         encode_png(pixels)
+
+
+@pytest.mark.parametrize("base_channels", [1, 3])
+def test_a_separate_alpha_plane_writes_the_same_bytes_as_the_combined_array(
+    base_channels: int,
+) -> None:
+    rs = np.random.RandomState(base_channels)
+    base = rs.randint(0, 256, (97, 130, base_channels), dtype=np.uint8)
+    alpha = np.zeros((97, 130), np.uint8)
+    alpha[20:70, 30:100] = 255
+    alpha[40:50] = rs.randint(0, 256, (10, 130), dtype=np.uint8)
+    combined = np.concatenate([base, alpha[:, :, None]], axis=2)
+    for pixels in (base, base[:, :, 0] if base_channels == 1 else base):
+        data = encode_png(pixels, alpha=alpha, threads=2)
+        assert data == encode_png(combined, threads=2)
+        assert np.array_equal(decode(data).reshape(combined.shape), combined)
+    # non-contiguous planes (a crop of a larger image, a transposed alpha) are fine too
+    big = rs.randint(0, 256, (200, 300, base_channels), dtype=np.uint8)
+    crop, matte = big[50:147, 100:230], np.ascontiguousarray(alpha.T).T
+    expected = np.concatenate([crop, matte[:, :, None]], axis=2)
+    assert np.array_equal(decode(encode_png(crop, alpha=matte)).reshape(expected.shape), expected)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "alpha", "error", "words"),
+    [
+        (np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5), np.uint8), ValueError, "alpha must"),
+        (np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 2), np.uint8), ValueError, "alpha must"),
+        (np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.float32), TypeError, "uint8 alpha"),
+        (np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4), np.uint8), ValueError, "5 channels"),
+    ],
+)
+def test_rejects_a_bad_alpha_plane(
+    pixels: np.ndarray, alpha: np.ndarray, error: type, words: str
+) -> None:
+    with pytest.raises(error, match=words):
+        encode_png(pixels, alpha=alpha)

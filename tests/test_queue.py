@@ -1,4 +1,4 @@
-"""The job service end to end: real redis-server, real S3 server (moto), real Celery workers.
+"""The job service end to end: real redis-server, real S3 server (SeaweedFS), real Celery workers.
 
 One worker process (tiny network, deterministic weights) serves the module; producers use
 ``ben2q.client``. Outputs are read back from S3 and compared with the engine run directly.
@@ -35,7 +35,7 @@ def stack(redis_server, s3_server, tmp_path_factory):
     env = service_env(redis_server, s3_server, BEN2Q_LOCAL_ROOT=str(root))
     s3 = s3_server.client()
     for bucket in ("inputs", "outputs"):
-        s3.create_bucket(Bucket=bucket)
+        s3_server.create_bucket(bucket)
     worker = Worker(env, tmp_path_factory.mktemp("logs") / "worker.log")
     with aws_env():
         yield {"env": env, "settings": settings_of(env), "s3": s3, "worker": worker, "root": root}

@@ -259,6 +259,19 @@ def test_cancel_of_a_finished_job_changes_nothing(store):
     assert not store.cancel_requested(status.id)
 
 
+def test_record_and_cancel_flag_in_one_round_trip(store, raw):
+    assert store.get_and_cancel_requested("no-such-job") == (None, False)
+    status = new_status(2)
+    store.create(status)
+    assert store.get_and_cancel_requested(status.id) == (status, False)
+    running = advanced(status, "running", 0.5)
+    store.save(running)
+    store.request_cancel(status.id)
+    assert store.get_and_cancel_requested(status.id) == (running, True)
+    raw.delete(KEYS.job(status.id))  # the record expired, the flag did not (yet)
+    assert store.get_and_cancel_requested(status.id) == (None, True)
+
+
 def test_cancel_of_an_unknown_job_raises_not_found(store):
     with pytest.raises(NotFound):
         store.request_cancel("no-such-job")
@@ -328,9 +341,12 @@ def test_async_store_mirrors_the_sync_one(url, store, raw):
             assert await astore.cancel_requested(other.id)
             running = new_status()
             await astore.create(running)
-            await astore.save(advanced(running, "running", 0.1))
+            started = advanced(running, "running", 0.1)
+            await astore.save(started)
             assert (await astore.request_cancel(running.id)).state == "running"
             assert await astore.cancel_requested(running.id)
+            assert await astore.get_and_cancel_requested(running.id) == (started, True)
+            assert await astore.get_and_cancel_requested("no-such-job") == (None, False)
             assert (await astore.request_cancel(status.id)) == final  # finished: unchanged
             return seen
 

@@ -66,14 +66,22 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
-def _filter_up(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, C) uint8 -> (H, 1 + W·C) uint8 scanlines, each led by the Up filter byte."""
-    h = pixels.shape[0]
-    rows = pixels.reshape(h, -1)
-    out = np.empty((h, rows.shape[1] + 1), dtype=np.uint8)
+def _filter_up(planes: list[np.ndarray]) -> np.ndarray:
+    """(H, W, c) uint8 planes, side by side -> (H, 1 + W·Σc) uint8 scanlines, each led by
+    the Up filter byte. The planes are interleaved as they are filtered: an RGB image and
+    its alpha need no RGBA copy first."""
+    h, w = planes[0].shape[:2]
+    channels = sum(plane.shape[2] for plane in planes)
+    out = np.empty((h, 1 + w * channels), dtype=np.uint8)
     out[:, 0] = _FILTER_UP
-    out[0, 1:] = rows[0]  # above the first row is zero
-    np.subtract(rows[1:], rows[:-1], out=out[1:, 1:])  # uint8 arithmetic wraps mod 256
+    pixels = out[:, 1:].reshape(h, w, channels)
+    start = 0
+    for plane in planes:
+        end = start + plane.shape[2]
+        pixels[0, :, start:end] = plane[0]  # above the first row is zero
+        # uint8 arithmetic wraps mod 256
+        np.subtract(plane[1:], plane[:-1], out=pixels[1:, :, start:end])
+        start = end
     return out
 
 
@@ -101,22 +109,46 @@ def _zlib_stream(scanlines: np.ndarray, *, level: int, threads: int) -> bytes:
     return header + body + struct.pack(">I", zlib_ng.adler32(data))
 
 
-def encode_png(pixels: np.ndarray, *, level: int = 1, threads: int | None = None) -> bytes:
+def encode_png(
+    pixels: np.ndarray,
+    *,
+    alpha: np.ndarray | None = None,
+    level: int = 1,
+    threads: int | None = None,
+) -> bytes:
     """Encode ``pixels`` (H, W) or (H, W, C) uint8, C = 1 (L), 2 (LA), 3 (RGB), 4 (RGBA).
 
+    ``alpha`` (H, W) uint8, if given, is appended to ``pixels`` as its last channel (L
+    becomes LA, RGB becomes RGBA) without building the combined array first.
     ``threads`` bounds the deflate bands (default: usable CPUs, at most 4); small images
     are deflated in the calling thread.
     """
-    if pixels.dtype != np.uint8:
-        raise TypeError(f"encode_png wants uint8 pixels, got {pixels.dtype}")
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    if pixels.ndim != 3 or pixels.shape[2] not in _COLOR_TYPES:
-        raise ValueError(f"encode_png wants (H, W) or (H, W, 1-4) pixels, got {pixels.shape}")
-    h, w, c = pixels.shape
+    planes = [_plane(pixels, "pixels")]
+    if alpha is not None:
+        a = _plane(alpha, "alpha")
+        if a.shape[2] != 1 or a.shape[:2] != planes[0].shape[:2]:
+            raise ValueError(
+                f"encode_png: alpha must be (H, W) = {planes[0].shape[:2]}, got {alpha.shape}"
+            )
+        planes.append(a)
+    h, w = planes[0].shape[:2]
+    c = sum(plane.shape[2] for plane in planes)
+    if c not in _COLOR_TYPES:
+        raise ValueError(f"encode_png wants (H, W) or (H, W, 1-4) pixels, got {c} channels")
     if h == 0 or w == 0:
         raise ValueError("encode_png: an image has at least one pixel")
-    scanlines = _filter_up(np.ascontiguousarray(pixels))
+    scanlines = _filter_up(planes)
     idat = _zlib_stream(scanlines, level=level, threads=threads or _threads())
     ihdr = struct.pack(">IIBBBBB", w, h, 8, _COLOR_TYPES[c], 0, 0, 0)
     return _SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def _plane(pixels: np.ndarray, name: str) -> np.ndarray:
+    """``pixels`` as (H, W, C) uint8 (a view), or TypeError/ValueError."""
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"encode_png wants uint8 {name}, got {pixels.dtype}")
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.ndim != 3 or pixels.shape[2] not in _COLOR_TYPES:
+        raise ValueError(f"encode_png wants (H, W) or (H, W, 1-4) {name}, got {pixels.shape}")
+    return pixels

@@ -73,7 +73,7 @@ class _Item:
 def encode_output(prediction: Prediction, fmt: str) -> bytes:
     """RGBA PNG (ben2q.png: fast, multi-threaded deflate) or lossless WebP."""
     if fmt != "webp":
-        return encode_png(prediction.rgba())
+        return encode_png(prediction.rgb, alpha=prediction.alpha)  # no RGBA copy first
     buf = io.BytesIO()
     # exact: keep the colours under transparent pixels (libwebp would drop them)
     prediction.to_image().save(buf, format="WEBP", lossless=True, exact=True, quality=50, method=2)
@@ -119,12 +119,13 @@ class JobRunner:
 
     def begin(self, request: JobRequest) -> JobRun | None:
         """Mark a delivered job running; ``None`` if it must not run (ended or cancelled)."""
-        status = self.store.get(request.id) or JobStatus.queued(request)
+        stored, cancel = self.store.get_and_cancel_requested(request.id)  # one round trip
+        status = stored or JobStatus.queued(request)
         if status.done:
             log.info("job %s already %s; skipping redelivery", request.id, status.state)
             return None
         now = time.time()
-        if self.store.cancel_requested(request.id):
+        if cancel:
             self._cancel(status, now)
             return None
         status.attempts += 1

@@ -287,6 +287,14 @@ class StatusStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.keys.cancel(job_id)))
 
+    def get_and_cancel_requested(self, job_id: str) -> tuple[JobStatus | None, bool]:
+        """``get`` and ``cancel_requested`` in one round trip (a worker taking a job)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.job(job_id))
+            pipe.exists(self.keys.cancel(job_id))
+            raw, flagged = pipe.execute()
+        return (None if raw is None else decode(raw)), bool(flagged)
+
     def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobStatus]:
         """The current record, then each update, until a terminal state.
 
@@ -387,6 +395,13 @@ class AsyncStatusStore:
 
     async def cancel_requested(self, job_id: str) -> bool:
         return bool(await self.redis.exists(self.keys.cancel(job_id)))
+
+    async def get_and_cancel_requested(self, job_id: str) -> tuple[JobStatus | None, bool]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.job(job_id))
+            pipe.exists(self.keys.cancel(job_id))
+            raw, flagged = await pipe.execute()
+        return (None if raw is None else decode(raw)), bool(flagged)
 
     async def events(
         self, job_id: str, *, timeout: float | None = None

@@ -20,8 +20,12 @@ Error mapping (reads name the field ``input``, writes ``output``)::
               ContentLength or body over max_image_bytes    -> ImageTooLarge (body not read)
               connection errors, timeouts, throttling, 5xx,
               other answers, no credentials                 -> StorageError
-              bad URI, bucket name refused by botocore      -> InvalidRequest
-    s3 write  anything (incl. NoSuchBucket, 403)            -> UploadFailed
+              bad URI, bucket name refused by botocore,
+              400 naming the request as invalid (Invalid-
+              Request, InvalidArgument, InvalidURI, Invalid-
+              BucketName, KeyTooLongError)                  -> InvalidRequest
+    s3 write  the same 400s as reads                        -> InvalidRequest("output")
+              anything else (incl. NoSuchBucket, 403)       -> UploadFailed
     http(s)   read: fetch.fetch_bytes's errors unchanged (ForbiddenURL, FetchFailed,
               ImageTooLarge); write                         -> InvalidRequest("output")
     file      no local root, outside the root (after
@@ -34,7 +38,10 @@ Error mapping (reads name the field ``input``, writes ``output``)::
 
 A 403 is ``NotFound`` on purpose: S3 answers 403 rather than 404 for a missing key when the
 caller lacks ``s3:ListBucket``, so the two cannot be told apart from outside, and neither
-gets better by retrying.
+gets better by retrying. Nor does a 400 that calls the request itself invalid: S3-compatible
+stores refuse keys AWS takes (SeaweedFS: a NUL, ``.`` or ``..`` segments, ``\\`` taken as
+``/``), and sending the same key again gets the same answer. Other 400s (``RequestTimeout``,
+``ExpiredToken``) stay retryable.
 
 URIs: ``s3://bucket/key`` takes the key literally (as the AWS CLI does: no percent-decoding,
 ``?`` and ``#`` are part of the key). ``file:///abs/path`` (or ``file://localhost/...``) is
@@ -86,6 +93,10 @@ __all__ = ["Storage"]
 _CHUNK = 1024 * 1024
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchVersion", "404"})
 _DENIED_CODES = frozenset({"AccessDenied", "Forbidden", "AllAccessDisabled", "403"})
+# 400 answers about the request itself: sending it again gets the same answer
+_INVALID_CODES = frozenset(
+    {"InvalidRequest", "InvalidArgument", "InvalidURI", "InvalidBucketName", "KeyTooLongError"}
+)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -203,7 +214,7 @@ class Storage:
             "user_agent_extra": "ben2q",
         }
         if s.s3_endpoint_url:
-            # S3-compatible stores (MinIO, moto, Ceph): path-style addressing, and only the
+            # S3-compatible stores (MinIO, SeaweedFS, Ceph): path-style addressing, only the
             # checksums the operation requires (not every store knows the newer ones).
             options["s3"] = {"addressing_style": "path"}
             options["request_checksum_calculation"] = "when_required"
@@ -249,6 +260,11 @@ class Storage:
             self._s3().put_object(**args)
         except ClientError as exc:
             code, message, status = _client_error_parts(exc)
+            if code in _INVALID_CODES:
+                detail = f"{code}: {message}" if message else code
+                raise InvalidRequest(
+                    "output", f"{uri}: the store refused the request ({detail})"
+                ) from exc
             if code == "NoSuchBucket":
                 reason = f"no such bucket {bucket!r}"
             else:
@@ -408,8 +424,8 @@ def _s3_read_error(uri: str, exc: ClientError) -> Exception:
         return NotFound(f"no such object: {uri}")
     if status == 403 or code in _DENIED_CODES:
         return NotFound(f"access denied to {uri} ({detail})")
-    if code in ("InvalidBucketName", "KeyTooLongError"):
-        return InvalidRequest("input", f"{uri}: {detail}")
+    if code in _INVALID_CODES:
+        return InvalidRequest("input", f"{uri}: the store refused the request ({detail})")
     # Throttling, 5xx (after boto3's own retries) and anything unexpected: retryable.
     return StorageError(f"reading {uri} failed ({detail})")
 

@@ -751,12 +751,45 @@ def _name_cases() -> list[Case]:
         name("name_encoded_dotdot_url", "http", "/%2e%2e%2f%2e%2e%2fx.png", "x", "%2e%2e%2f"),
         name("name_nul_url", "http", "/files/x%00y.png", "x_y", "%00 in the name"),
         name("name_encoded_dotdot_key", "s3", "names/%2e%2e%2f%2e%2e%2fx.png", "x", "key"),
-        name("name_nul_key", "s3", "names/a\x00b.png", "a_b", "a NUL in the S3 key"),
+        Case(
+            "name_nul_key",
+            _nothing,
+            "uri",
+            "invalid_request",
+            target=f"s3://{INPUT_BUCKET}/names/a\x00b.png",
+            library_code="invalid_image",
+            note="a NUL in the S3 key: AWS stores it, SeaweedFS refuses it (400 InvalidRequest),"
+            " so the item fails at once, not retried; name_control_key has the stored form",
+        ),
+        name("name_control_key", "s3", "names/a\x01b.png", "a_b", "a control character"),
         name("name_unicode_key", "s3", "names/фото 🐱.png", "image", "nothing ASCII left"),
         name("name_encoded_slashes_key", "s3", "names/a%2Fb%2F..%2F..%2Fc.png", "c", "%2F"),
-        name("name_backslashes_key", "s3", "names/..\\..\\x.png", "x", "Windows separators"),
+        name(
+            "name_backslashes_key",
+            "s3",
+            "names/a\\b\\x.png",
+            "a_b_x",
+            "Windows separators (SeaweedFS takes them for '/': with '..' segments after them"
+            " it refuses the key, see name_backslash_dotdot_key)",
+        ),
+        Case(
+            "name_backslash_dotdot_key",
+            _nothing,
+            "uri",
+            "invalid_request",
+            target=f"s3://{INPUT_BUCKET}/names/..\\..\\x.png",
+            library_code="invalid_image",
+            note="AWS stores the key as it is; SeaweedFS reads '\\' as '/' and refuses the"
+            " '..' segments (400 InvalidRequest): the item fails at once, not retried",
+        ),
         name("name_dots_only_key", "s3", "names/....png", "image", "only dots"),
-        name("name_long_key", "s3", "names/" + "n" * 300 + ".png", "n" * 100, "cut to 100"),
+        name(
+            "name_long_key",
+            "s3",
+            "names/" + "n" * 250 + ".png",
+            "n" * 100,
+            "cut to 100 (SeaweedFS stores no key segment over 255 bytes; AWS: 1024 in all)",
+        ),
     ]
 
 
@@ -999,11 +1032,11 @@ def _uri_cases() -> list[Case]:
         refused(
             "s3_dotdot_key",
             f"s3://{INPUT_BUCKET}/a/../../x.png",
-            None,
+            "invalid_request",
             "invalid_image",
-            check=check_good,
-            output_stem="x",
-            note="S3 keys are literal: a raw message reads the object named a/../../x.png",
+            note="S3 keys are literal: on AWS a raw message reads the object named"
+            " a/../../x.png; SeaweedFS refuses '..' segments (400 InvalidRequest) and the item"
+            " fails at once, not retried",
         ),
         refused(
             "url_port_wraps",
@@ -1057,10 +1090,10 @@ def _output_cases() -> list[Case]:
         out(
             "output_dotdot_s3",
             f"s3://{OUTPUT_BUCKET}/odd/../../",
-            None,
-            "S3 keys are literal: written under the key odd/../../<job>/, in the output bucket",
-            check=check_good,
-            output_stem="good",
+            "invalid_request",
+            "S3 keys are literal: on AWS a raw message's output goes under the key"
+            " odd/../../<job>/ of the output bucket; SeaweedFS refuses '..' segments (400"
+            " InvalidRequest): the item fails at once, not retried, nothing written",
         ),
     ]
 
