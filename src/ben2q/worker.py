@@ -182,8 +182,10 @@ def renew_held_messages(consumer: Any) -> int:
     return len(tags)
 
 
-class RenewVisibility(bootsteps.StartStopStep):
-    """Consumer step: renews the visibility of held messages every ``renew_interval``."""
+class TimerStep(bootsteps.StartStopStep):
+    """Consumer step calling ``tick(consumer)`` every ``interval(settings)`` seconds from
+    the consumer's event loop; Celery stops and starts it again around a broker reconnect,
+    which re-arms the timer."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
@@ -191,10 +193,16 @@ class RenewVisibility(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self.tref: Any = None
 
+    def interval(self, settings: Settings) -> float:
+        raise NotImplementedError
+
+    def tick(self, parent: Any) -> None:
+        raise NotImplementedError
+
     def start(self, parent: Any) -> None:
         settings: Settings = parent.app.conf.ben2q_settings
         self.tref = parent.timer.call_repeatedly(
-            renew_interval(settings), renew_held_messages, (parent,), priority=10
+            self.interval(settings), self.tick, (parent,), priority=10
         )
 
     def stop(self, parent: Any) -> None:
@@ -203,6 +211,16 @@ class RenewVisibility(bootsteps.StartStopStep):
             self.tref = None
 
     shutdown = stop
+
+
+class RenewVisibility(TimerStep):
+    """Consumer step: renews the visibility of held messages every ``renew_interval``."""
+
+    def interval(self, settings: Settings) -> float:
+        return renew_interval(settings)
+
+    def tick(self, parent: Any) -> None:
+        renew_held_messages(parent)
 
 
 class RearmBatchFlush(bootsteps.StartStopStep):
@@ -389,26 +407,15 @@ class ModelReady(bootsteps.StartStopStep):
     shutdown = stop
 
 
-class Heartbeat(bootsteps.StartStopStep):
+class Heartbeat(TimerStep):
     """Consumer step: every ``BEN2Q_HEARTBEAT_INTERVAL`` seconds, from the consumer's own
     event loop, touch the liveness file and check whether the worker must leave service
     (then a warm shutdown with ``EXIT_OUT_OF_SERVICE``: prefetched jobs go back to the
-    queue, a running one finishes)."""
+    queue, a running one finishes). The ``consuming`` file marks the time between its
+    start and stop."""
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
-
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.tref: Any = None
-
-    def start(self, parent: Any) -> None:
-        settings: Settings = parent.app.conf.ben2q_settings
-        self.tick(parent)
-        self.tref = parent.timer.call_repeatedly(
-            settings.heartbeat_interval, self.tick, (parent,), priority=10
-        )
-        if guard.files is not None and not guard.leaving:
-            guard.files.consumer_started()
+    def interval(self, settings: Settings) -> float:
+        return settings.heartbeat_interval
 
     def tick(self, parent: Any) -> None:
         guard.beat()
@@ -420,12 +427,16 @@ class Heartbeat(bootsteps.StartStopStep):
             log.critical("leaving service: %s", reason)
             worker_state.should_stop = EXIT_OUT_OF_SERVICE
 
+    def start(self, parent: Any) -> None:
+        self.tick(parent)
+        super().start(parent)
+        if guard.files is not None and not guard.leaving:
+            guard.files.consumer_started()
+
     def stop(self, parent: Any) -> None:
         if guard.files is not None:
             guard.files.consumer_stopped()
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
+        super().stop(parent)
 
     shutdown = stop
 
