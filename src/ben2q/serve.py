@@ -143,6 +143,19 @@ class Supervisor:
     def running(self) -> bool:
         return bool(self.procs)
 
+    def run(self, stopping: Callable[[], bool], on_poll: Callable[[], None] | None = None) -> None:
+        """Start, then watch the commands until ``stopping()`` or none is left running;
+        ``on_poll`` after each look. Stops what still runs."""
+        self.start()
+        while not stopping() and self.running:
+            time.sleep(0.2)
+            if stopping():
+                break
+            self.poll()
+            if on_poll is not None:
+                on_poll()
+        self.stop()
+
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -167,14 +180,8 @@ def _stop_on_signals() -> Callable[[], bool]:
 def supervise(commands: dict[str, list[str]], env: dict[str, str] | None = None) -> int:
     """Run the commands until SIGTERM/SIGINT; 0, or ``EXIT_OUT_OF_SERVICE`` when every one
     of them stopped because it cannot run jobs."""
-    stopping = _stop_on_signals()
     sup = Supervisor(commands, env)
-    sup.start()
-    while not stopping() and sup.running:
-        time.sleep(0.5)
-        if not stopping():
-            sup.poll()
-    sup.stop()
+    sup.run(_stop_on_signals())
     return 0 if sup.running or not sup.out_of_service else EXIT_OUT_OF_SERVICE
 
 
@@ -202,7 +209,7 @@ def run_up(*, root: Path, port: int, passthrough: Sequence[str]) -> int:
     For a person at a terminal: readable logs (unless ``BEN2Q_LOG_FORMAT`` says otherwise),
     no Celery banner, "ben2q is up" only once the model is warm, and if the worker cannot
     run jobs, its one-line reason and a non-zero exit instead of a service that hangs."""
-    from .health import WorkerFiles, check_workers
+    from .health import check_workers
 
     redis = shutil.which("redis-server")
     if redis is None:
@@ -242,8 +249,7 @@ def run_up(*, root: Path, port: int, passthrough: Sequence[str]) -> int:
         "BEN2Q_HEALTH_DIR": str(health_dir),
     }
     env.setdefault("BEN2Q_LOG_FORMAT", "text")
-    node = f"ben2q@{socket.gethostname()}"
-    WorkerFiles(health_dir, node).start()  # no previous run's state
+    node = f"ben2q@{socket.gethostname()}"  # the worker clears its previous run's files
     print(
         f"starting Redis on {url} and a worker (loading the model)...", file=sys.stderr, flush=True
     )
@@ -265,24 +271,22 @@ def run_up(*, root: Path, port: int, passthrough: Sequence[str]) -> int:
         report=False,  # the closing line below says it
     )
     announced = False
+
+    def announce_once_ready() -> None:
+        nonlocal announced
+        if not announced and check_workers(health_dir, name=node, ready=True).ok:
+            announced = True
+            print(
+                f"ben2q is up: broker {url}, local root {root}\n"
+                f"  export BEN2Q_BROKER_URL={url} BEN2Q_LOCAL_ROOT={root} "
+                f"BEN2Q_HEALTH_DIR={health_dir}\n"
+                f"  ben2q submit file://{root}/photo.jpg --output file://{root}/out/ --wait\n"
+                "Ctrl-C stops the worker and Redis.",
+                flush=True,
+            )
+
     try:
-        sup.start()
-        while not stopping() and sup.running:
-            time.sleep(0.2)
-            if stopping():
-                break
-            sup.poll()
-            if not announced and check_workers(health_dir, name=node, ready=True).ok:
-                announced = True
-                print(
-                    f"ben2q is up: broker {url}, local root {root}\n"
-                    f"  export BEN2Q_BROKER_URL={url} BEN2Q_LOCAL_ROOT={root} "
-                    f"BEN2Q_HEALTH_DIR={health_dir}\n"
-                    f"  ben2q submit file://{root}/photo.jpg --output file://{root}/out/ --wait\n"
-                    "Ctrl-C stops the worker and Redis.",
-                    flush=True,
-                )
-        sup.stop()
+        sup.run(stopping, announce_once_ready)
     finally:
         redis_proc.terminate()
         redis_proc.wait(20)

@@ -244,7 +244,6 @@ def batch(self: Any, request: dict[str, Any]) -> str | None:
         [status] = run_jobs(state.runner(), [parsed], timeouts=TIMEOUTS, on_retry=_retry)
     except DeviceUnavailable as exc:
         leave_service(exc)  # exits this process: the job is requeued (reject_on_worker_lost)
-        raise  # not reached
     return status.state if status else None
 
 

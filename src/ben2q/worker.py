@@ -38,7 +38,7 @@ import signal
 import threading
 import time
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery, bootsteps
 from celery.exceptions import SecurityWarning
@@ -326,6 +326,9 @@ class ServiceGuard:
 
 guard = ServiceGuard()
 
+NO_MODEL = {"model": "none", "device": "-", "precision": "-"}
+"""The readiness record of a worker that takes no image jobs (webhook deliveries only)."""
+
 
 def consumes_model_jobs(app: Celery) -> bool:
     """Whether this worker takes image jobs (a webhook-only worker needs no model)."""
@@ -366,7 +369,7 @@ class ModelReady(bootsteps.StartStopStep):
         if not consumes_model_jobs(parent.app):
             guard.watch(procs)
             if not procs:  # a threads/solo pool: nothing else would say it is ready
-                files.mark_ready({"model": "none", "device": "-", "precision": "-"})
+                files.mark_ready(NO_MODEL)
             return  # a webhook-only worker needs no model
         if not procs:
             self._leave("image jobs need the prefork pool (one process per model)")
@@ -571,7 +574,7 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def leave_service(exc: BaseException) -> None:
+def leave_service(exc: BaseException) -> NoReturn:
     """In a pool process: record why this worker cannot run jobs and exit at once.
 
     The main process reports the reason once and exits (before taking any job when this
@@ -637,7 +640,7 @@ def _load_model(**_: Any) -> None:
             level=logging.getLevelName(logging.getLogger().level),
             worker=state.hostname,
         )
-    info = {"model": "none", "device": "-", "precision": "-"}
+    info = NO_MODEL
     if consumes_model_jobs(app):
         try:
             state.runner()

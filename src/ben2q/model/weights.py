@@ -23,11 +23,16 @@ from torch import Tensor, nn
 from ..errors import WeightsUnavailable
 from .specs import ModelSpec
 
-HOW_TO_SUPPLY = (
-    "set BEN2Q_WEIGHTS=/path/to/BEN2_Base.pth (.pth or .safetensors; weights_path= in "
-    "Python), or fill the Hugging Face cache where there is network: "
-    "`hf download PramaLLC/BEN2 BEN2_Base.pth`"
-)
+
+def how_to_supply(
+    filename: str = "BEN2_Base.pth", fill: str = "hf download PramaLLC/BEN2 BEN2_Base.pth"
+) -> str:
+    """The fix, in one clause: the setting to point at a file, or the command that fills
+    the Hugging Face cache."""
+    return (
+        f"set BEN2Q_WEIGHTS=/path/to/{filename} (.pth or .safetensors; weights_path= in "
+        f"Python), or fill the Hugging Face cache where there is network: `{fill}`"
+    )
 
 
 def _hub_unreachable_reason() -> str | None:
@@ -91,9 +96,7 @@ def hub_weights_path(
             first = str(exc).splitlines()[0] if str(exc) else "no detail"
             detail = f"the hub refused {repo_id}/{filename} ({type(exc).__name__}: {first})"
         raise WeightsUnavailable(
-            f"no BEN2 weights: {detail}; set BEN2Q_WEIGHTS=/path/to/{filename} (.pth or "
-            f".safetensors; weights_path= in Python), or fill the cache where there is "
-            f"network: `{fill}`"
+            f"no BEN2 weights: {detail}; {how_to_supply(filename, fill)}"
         ) from exc
 
 
@@ -101,7 +104,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a checkpoint file's state dict without executing code from it."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsUnavailable(f"no checkpoint file at {path}; {HOW_TO_SUPPLY}")
+        raise WeightsUnavailable(f"no checkpoint file at {path}; {how_to_supply()}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
