@@ -113,3 +113,17 @@ def raw(url):
     client = redis.Redis.from_url(url)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def api_stack(redis_server, s3_server, tmp_path_factory):
+    """A real ``ben2q api`` process, one real worker, redis-server (DB 5) and SeaweedFS,
+    shared by the API test modules (each test makes its own keys, so tenants never meet)."""
+    from apistack import start_stack
+    from stack import aws_env
+
+    with aws_env():
+        stack = start_stack(redis_server, s3_server, tmp_path_factory.mktemp("api"))
+        yield stack
+        stack.api.stop()
+        stack.worker.stop()

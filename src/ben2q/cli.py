@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from . import admin
 from .config import Settings
 from .errors import BEN2QError
 
@@ -236,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--name", metavar="NODE", help="one worker (e.g. gpu0@host); default all")
     health.add_argument("--max-age", type=float, help="seconds (BEN2Q_HEARTBEAT_MAX_AGE)")
     health.add_argument("--dir", type=Path, help="health directory (BEN2Q_HEALTH_DIR)")
+    api = sub.add_parser(
+        "api",
+        help="serve the HTTP API (FastAPI on uvicorn)",
+        description="Serve the HTTP API; configure it with BEN2Q_API_* (see config/api.env).",
+    )
+    api.add_argument("--host", help="address to listen on (BEN2Q_API_HOST)")
+    api.add_argument("--port", type=int, help="port (BEN2Q_API_PORT)")
+    api.add_argument("--workers", type=int, help="uvicorn processes (BEN2Q_API_WORKERS)")
+    api.add_argument("--access-log", action="store_true", help="log every request")
+    admin.add_parsers(sub)
     return parser
 
 
@@ -394,6 +405,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "health":
         return run_health(args)
+    if args.command == "keys":
+        return admin.run_keys(args)
+    if args.command == "api":
+        from .api.serve import run_api
+
+        return run_api(
+            Settings(), host=args.host, port=args.port, workers=args.workers,
+            access_log=args.access_log,
+        )
     if args.command == "remove":
         try:
             settings = _settings(args)

@@ -176,7 +176,7 @@ class Client(BaseClient):
             webhook_url=webhook_url,
             webhook_events=webhook_events,
         )
-        return self._enqueue(request)
+        return self.enqueue(request)
 
     def submit_batch(
         self,
@@ -200,9 +200,10 @@ class Client(BaseClient):
             webhook_url=webhook_url,
             webhook_events=webhook_events,
         )
-        return self._enqueue(request)
+        return self.enqueue(request)
 
-    def _enqueue(self, request: JobRequest) -> Job:
+    def enqueue(self, request: JobRequest) -> Job:
+        """Create the record of a request built with ``jobs.make_request`` and send it."""
         status = JobStatus.queued(request)
         self.store.create(status)
         try:
@@ -257,9 +258,21 @@ class AsyncClient(BaseClient):
     is sent from a worker thread (``asyncio.to_thread``).
     """
 
-    def __init__(self, broker_url: str | None = None, *, settings: Settings | None = None):
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        max_connections: int | None = None,
+    ):
+        """``max_connections`` bounds this client's Redis connections (see
+        ``AsyncStatusStore``); by default they grow with concurrent calls."""
         super().__init__(broker_url, settings=settings)
-        self.store = AsyncStatusStore(self.settings.status_url, ttl=self.settings.status_ttl)
+        self.store = AsyncStatusStore(
+            self.settings.status_url,
+            ttl=self.settings.status_ttl,
+            max_connections=max_connections,
+        )
 
     async def submit(
         self,
@@ -282,7 +295,7 @@ class AsyncClient(BaseClient):
             webhook_url=webhook_url,
             webhook_events=webhook_events,
         )
-        return await self._enqueue(request)
+        return await self.enqueue(request)
 
     async def submit_batch(
         self,
@@ -305,9 +318,10 @@ class AsyncClient(BaseClient):
             webhook_url=webhook_url,
             webhook_events=webhook_events,
         )
-        return await self._enqueue(request)
+        return await self.enqueue(request)
 
-    async def _enqueue(self, request: JobRequest) -> Job:
+    async def enqueue(self, request: JobRequest) -> Job:
+        """Create the record of a request built with ``jobs.make_request`` and send it."""
         status = JobStatus.queued(request)
         await self.store.create(status)
         app = self._celery()

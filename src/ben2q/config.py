@@ -141,6 +141,66 @@ class Settings(BaseSettings):
         "so a broken worker leaves before it spends a good job's attempts).",
     )
 
+    # --- HTTP API (`ben2q api`) ----------------------------------------------------------
+    api_host: str = Field("127.0.0.1", description="Address `ben2q api` listens on.")
+    api_port: int = Field(8000, ge=0, le=65535, description="Port `ben2q api` listens on.")
+    api_workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes.")
+    api_output_location: str | None = Field(
+        None,
+        description="Where outputs of keys without their own output prefix go "
+        "(`s3://bucket/outputs/` or `file:///dir/`); each key gets `<id>/` under it.",
+    )
+    api_upload_location: str | None = Field(
+        None,
+        description="Where uploads are stored (`s3://bucket/uploads/` or `file:///dir/`); "
+        "each key gets `<id>/` under it. Unset: uploads are refused.",
+    )
+    api_retention: int = Field(
+        24 * 3600,
+        ge=60,
+        description="Seconds uploads and outputs made through the API are kept "
+        "(`ben2q retention` applies it; job records say `expires_at`).",
+    )
+    api_presign_expiry: int = Field(
+        3600, ge=1, le=7 * 24 * 3600, description="Seconds a presigned output URL is valid."
+    )
+    api_presign_endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint as clients reach it, for presigned URLs (default: "
+        "BEN2Q_S3_ENDPOINT_URL).",
+    )
+    api_max_wait: float = Field(60.0, gt=0, le=600, description="Longest `Prefer: wait=N`.")
+    api_remove_timeout: float = Field(
+        60.0, gt=0, le=600, description="How long `POST /v1/remove` waits for its job."
+    )
+    api_max_upload_files: int = Field(
+        100, ge=1, description="File parts of one multipart request at most."
+    )
+    api_max_json_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Bytes of a JSON request body at most."
+    )
+    api_max_queued: int = Field(
+        10000,
+        ge=1,
+        description="Back-pressure: new jobs get 503 while the queue holds more than this.",
+    )
+    api_rate_requests: int = Field(600, ge=1, description="Requests per minute per key.")
+    api_rate_images: int = Field(
+        600, ge=1, description="Images submitted per minute per key (a batch counts each)."
+    )
+    api_idempotency_ttl: int = Field(
+        24 * 3600, ge=60, description="Seconds an Idempotency-Key is remembered."
+    )
+    api_cors_origins: list[str] = Field(
+        [], description="Origins browsers may call the API from (JSON list); none by default."
+    )
+    api_sse_keepalive: float = Field(
+        15.0, gt=0, description="Seconds between keep-alive comments on an event stream."
+    )
+    api_redis_connections: int = Field(
+        16, ge=2, le=1000, description="Redis connections one API process holds at most."
+    )
+
     @property
     def status_url(self) -> str:
         """The Redis URL of job records and events."""

@@ -73,6 +73,11 @@ class JobRequest(BaseModel):
     submitted_at: float
     webhook_url: str | None = None
     webhook_events: list[WebhookEvent] = ["final"]
+    tenant: str | None = Field(None, pattern=JOB_ID_PATTERN)
+    """The API key (its id) that made the job; None for jobs sent with the broker's
+    credentials. Only that key sees the job through the HTTP API."""
+    expires_at: float | None = None
+    """When the job's outputs (and uploads) expire under the API's retention; None: kept."""
 
 
 class ItemStatus(BaseModel):
@@ -140,6 +145,10 @@ class JobStatus(BaseModel):
     queue_wait_ms: float | None = None
     run_ms: float | None = None
     webhook: WebhookState | None = None
+    tenant: str | None = None
+    """The API key id that made the job (see ``JobRequest.tenant``)."""
+    expires_at: float | None = None
+    """Outputs are available until then (epoch seconds), when retention applies."""
 
     @property
     def done(self) -> bool:
@@ -158,6 +167,8 @@ class JobStatus(BaseModel):
             webhook=WebhookState(url=request.webhook_url, events=request.webhook_events)
             if request.webhook_url
             else None,
+            tenant=request.tenant,
+            expires_at=request.expires_at,
         )
 
     def settle(self) -> JobStatus:
@@ -275,6 +286,8 @@ def make_request(
     max_items: int = 1000,
     local_root: str | None = None,
     job_id: str | None = None,
+    tenant: str | None = None,
+    expires_at: float | None = None,
 ) -> JobRequest:
     """Validate a submission and build its ``JobRequest``; ``InvalidRequest`` names the field."""
     field = "input" if kind == "single" else "inputs"
@@ -307,6 +320,8 @@ def make_request(
         submitted_at=time.time(),
         webhook_url=webhook_url,  # type: ignore[arg-type]
         webhook_events=events,
+        tenant=tenant,
+        expires_at=expires_at,
     )
 
 

@@ -69,6 +69,11 @@ class Keys:
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
 
+    @property
+    def workers(self) -> str:
+        """Sorted set: image workers by the time of their last heartbeat."""
+        return f"{self.prefix}:workers"
+
 
 KEYS = Keys()
 
@@ -287,6 +292,19 @@ class StatusStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.keys.cancel(job_id)))
 
+    def worker_seen(
+        self, name: str, *, now: float | None = None, forget_after: float = 3600
+    ) -> None:
+        """Note that image worker ``name`` is consuming (its heartbeat; ``/readyz`` reads it)."""
+        now = time.time() if now is None else now
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.workers, {name: now})
+            pipe.zremrangebyscore(self.keys.workers, "-inf", now - forget_after)
+            pipe.execute()
+
+    def worker_gone(self, name: str) -> None:
+        self.redis.zrem(self.keys.workers, name)
+
     def get_and_cancel_requested(self, job_id: str) -> tuple[JobStatus | None, bool]:
         """``get`` and ``cancel_requested`` in one round trip (a worker taking a job)."""
         with self.redis.pipeline(transaction=False) as pipe:
@@ -345,11 +363,33 @@ class StatusStore:
 class AsyncStatusStore:
     """``StatusStore`` on ``redis.asyncio``: the same methods, awaited; ``aclose``."""
 
-    def __init__(self, redis_url: str, *, ttl: int, keys: Keys = KEYS, retries: int = 10) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        ttl: int,
+        keys: Keys = KEYS,
+        retries: int = 10,
+        max_connections: int | None = None,
+    ) -> None:
+        """``max_connections`` bounds the pool: callers beyond it wait for a free
+        connection (up to ``SUBSCRIBE_TIMEOUT`` s) instead of failing (the HTTP API)."""
         self.ttl = ttl
         self.keys = keys
         retry = AsyncRetry(_backoff(), retries)
-        self.redis: aredis.Redis = aredis.Redis.from_url(redis_url, retry=retry, **_REDIS_OPTIONS)
+        if max_connections is None:
+            self.redis: aredis.Redis = aredis.Redis.from_url(
+                redis_url, retry=retry, **_REDIS_OPTIONS
+            )
+        else:
+            pool = aredis.BlockingConnectionPool.from_url(
+                redis_url,
+                max_connections=max_connections,
+                timeout=SUBSCRIBE_TIMEOUT,
+                retry=retry,
+                **_REDIS_OPTIONS,
+            )
+            self.redis = aredis.Redis(connection_pool=pool)
         self._create = self.redis.register_script(_CREATE)
 
     async def create(self, status: JobStatus) -> None:
@@ -395,6 +435,11 @@ class AsyncStatusStore:
 
     async def cancel_requested(self, job_id: str) -> bool:
         return bool(await self.redis.exists(self.keys.cancel(job_id)))
+
+    async def workers_seen(self, max_age: float, *, now: float | None = None) -> int:
+        """Image workers whose last heartbeat is at most ``max_age`` seconds old."""
+        now = time.time() if now is None else now
+        return int(await self.redis.zcount(self.keys.workers, now - max_age, "+inf"))
 
     async def get_and_cancel_requested(self, job_id: str) -> tuple[JobStatus | None, bool]:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -51,6 +51,7 @@ from .broker import celery_config
 from .config import Settings, get_settings
 from .errors import BEN2QError
 from .health import EXIT_OUT_OF_SERVICE, WorkerFiles
+from .status import StatusStore
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +421,10 @@ class Heartbeat(TimerStep):
     def interval(self, settings: Settings) -> float:
         return settings.heartbeat_interval
 
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.presence: StatusStore | None = None
+
     def tick(self, parent: Any) -> None:
         guard.beat()
         reason = guard.observe(pool_processes(parent.pool))
@@ -429,8 +434,24 @@ class Heartbeat(TimerStep):
                 guard.files.draining()
             log.critical("leaving service: %s", reason)
             worker_state.should_stop = EXIT_OUT_OF_SERVICE
+            self._absent(parent)
+        elif not guard.leaving and self.presence is not None:
+            with contextlib.suppress(Exception):  # the broker's own reconnect handles outages
+                self.presence.worker_seen(parent.hostname)
+
+    def _absent(self, parent: Any) -> None:
+        if self.presence is not None:
+            with contextlib.suppress(Exception):
+                self.presence.worker_gone(parent.hostname)
 
     def start(self, parent: Any) -> None:
+        if self.presence is None and consumes_model_jobs(parent.app):
+            settings: Settings = parent.app.conf.ben2q_settings
+            # its own client: one short try per beat, never blocking the event loop long
+            self.presence = StatusStore(settings.status_url, ttl=settings.status_ttl, retries=0)
+            self.presence.redis.connection_pool.connection_kwargs.update(
+                socket_timeout=1.0, socket_connect_timeout=1.0
+            )
         self.tick(parent)
         super().start(parent)
         if guard.files is not None and not guard.leaving:
@@ -441,7 +462,9 @@ class Heartbeat(TimerStep):
             guard.files.consumer_stopped()
         super().stop(parent)
 
-    shutdown = stop
+    def shutdown(self, parent: Any) -> None:
+        self._absent(parent)
+        self.stop(parent)
 
 
 class HeartbeatConsumer(Consumer):

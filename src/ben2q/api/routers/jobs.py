@@ -1,0 +1,178 @@
+"""``/v1/jobs``: submit (JSON or uploads), read, list and cancel the caller's jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from pydantic import ValidationError
+
+from ...jobs import JobState, JobStatus
+from ..bodies import is_json, media_type, read_json
+from ..deps import KeyDep, ServicesDep
+from ..models import JobCreate, JobPage
+from ..problems import Problem, invalid
+from ..submit import admit, build_request, enqueue, owned
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6})\"?", re.IGNORECASE)
+
+PROBLEMS = {
+    401: {"description": "No, unknown or revoked API key"},
+    404: {"description": "No such job for this key"},
+    429: {"description": "Over the key's rate limit"},
+}
+
+
+def prefer_wait(prefer: str | None, limit: float) -> int | None:
+    """Seconds of ``Prefer: wait=N`` (RFC 7240), capped at ``limit``; None if absent."""
+    if not prefer:
+        return None
+    match = _WAIT.search(prefer)
+    if match is None:
+        return None
+    return int(min(int(match.group(1)), limit))
+
+
+async def hold(svc, job: JobStatus, seconds: int) -> JobStatus:
+    """The record once ``job`` ends or ``seconds`` pass, whichever is first."""
+    if seconds > 0:
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            return await svc.client.wait(job.id, timeout=seconds)
+    return await svc.store.get(job.id) or job
+
+
+def _location(response: Response, job: JobStatus) -> None:
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobStatus,
+    responses={
+        **PROBLEMS,
+        201: {
+            "description": "With `Prefer: wait=N`: the record after the wait",
+            "model": JobStatus,
+        },
+        403: {"description": "An input or the output lies outside the key's scopes"},
+        413: {"description": "An upload or the body is too large"},
+        422: {"description": "Invalid request; `errors` names each field"},
+        503: {"description": "The queue is over its bound (back-pressure)"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}},
+                "multipart/form-data": {"schema": {"$ref": "#/components/schemas/JobUpload"}},
+            },
+        }
+    },
+)
+async def create_job(
+    request: Request,
+    response: Response,
+    svc: ServicesDep,
+    key: KeyDep,
+    prefer: Annotated[str | None, Header(max_length=256)] = None,
+) -> JobStatus:
+    """Submit one image (`input`) or a batch (`inputs`) by URI, or upload files
+    (`multipart/form-data`, one or more `file` parts). Answers 202 with the job's record
+    and `Location`; with `Prefer: wait=N` (N ≤ 60) it answers 201 once the job ended or N
+    seconds passed, whichever is first."""
+    if media_type(request) == "multipart/form-data":
+        from ..uploads import receive  # noqa: PLC0415 - the upload path's own module
+
+        job = await receive(request, svc, key)
+    elif is_json(request):
+        body = await read_json(request, JobCreate, svc.settings.api_max_json_bytes)
+        job = await build_request(svc, key, body)
+        await admit(request, svc, key, len(job.inputs))
+    else:
+        raise Problem(
+            415,
+            "unsupported_media_type",
+            "send application/json, or multipart/form-data with 'file' parts",
+        )
+    status = await enqueue(svc, key, job)
+    _location(response, status)
+    seconds = prefer_wait(prefer, svc.settings.api_max_wait)
+    if seconds is None:
+        return status
+    response.status_code = 201
+    response.headers["Preference-Applied"] = f"wait={seconds}"
+    return await hold(svc, status, seconds)
+
+
+def _cursor(created_at: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at!r}:{job_id}".encode()).decode().rstrip("=")
+
+
+def _parse_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        when, job_id = text.split(":", 1)
+        return float(when), job_id
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise invalid("query:cursor", "not a cursor from a previous page") from exc
+
+
+@router.get("", response_model=JobPage, responses=PROBLEMS)
+async def list_jobs(
+    svc: ServicesDep,
+    key: KeyDep,
+    state: Annotated[JobState | None, Query(description="Only jobs in this state")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=300)] = None,
+) -> JobPage:
+    """The key's jobs, newest first, `limit` per page; pass `next_cursor` as `cursor`."""
+    before = None if cursor is None else _parse_cursor(cursor)
+    found: list[JobStatus] = []
+    scanned = 0
+    exhausted = False
+    while len(found) < limit and scanned < 20 * limit + 200:
+        page = await svc.keys.job_page(key.id, before=before, count=limit)
+        if not page:
+            exhausted = True
+            break
+        scanned += len(page)
+        raws = await svc.redis.mget([svc.store.keys.job(job_id) for job_id, _ in page])
+        gone = []
+        for (job_id, created), raw in zip(page, raws, strict=True):
+            before = (created, job_id)
+            if raw is None:
+                gone.append(job_id)
+                continue
+            try:
+                status = JobStatus.model_validate_json(raw)
+            except ValidationError:
+                continue
+            if state is None or status.state == state:
+                found.append(status)
+                if len(found) == limit:
+                    break
+        await svc.keys.forget_jobs(key.id, gone)
+    more = not exhausted and before is not None
+    return JobPage(jobs=found, next_cursor=_cursor(*before) if more and before else None)
+
+
+@router.get("/{job_id}", response_model=JobStatus, responses=PROBLEMS)
+async def get_job(job_id: str, svc: ServicesDep, key: KeyDep) -> JobStatus:
+    """The job's record."""
+    return await owned(svc, key, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobStatus, responses=PROBLEMS)
+async def cancel_job(job_id: str, svc: ServicesDep, key: KeyDep) -> JobStatus:
+    """Cancel a queued job now, or flag a running one (its worker stops at the next item);
+    a finished job is answered unchanged."""
+    await owned(svc, key, job_id)
+    return await svc.client.cancel(job_id)
