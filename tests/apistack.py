@@ -36,8 +36,18 @@ class ApiServer:
 
     def start(self, timeout: float = 30) -> ApiServer:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ben2q.cli", "api", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", str(self.workers)],
+            [
+                sys.executable,
+                "-m",
+                "ben2q.cli",
+                "api",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(self.workers),
+            ],
             env=self.env,
             stdout=open(self.log, "ab"),
             stderr=subprocess.STDOUT,

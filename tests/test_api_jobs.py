@@ -92,9 +92,7 @@ def test_prefer_wait_finishes_and_times_out(api_stack):
         # a job that cannot end in time: its input is slow to fetch (a cancelled worker
         # would be simpler, but the worker is shared); wait=1 answers the queued record
         missing = api_stack.put(f"{key.id}/m.png", photo(3))
-        answer = http.post(
-            "/v1/jobs", json={"inputs": [missing] * 8}, headers={"Prefer": "wait=0"}
-        )
+        answer = http.post("/v1/jobs", json={"inputs": [missing] * 8}, headers={"Prefer": "wait=0"})
         assert answer.status_code == 201
         assert answer.headers["preference-applied"] == "wait=0"
         assert answer.json()["state"] in ("queued", "running")
@@ -136,9 +134,9 @@ def test_cancel(api_stack):
         assert answer.status_code == 200
         final = wait_done(http, job["id"])
         assert final["state"] == "cancelled" or (
-            final["state"] in ("partial", "succeeded") and any(
-                item["state"] == "cancelled" for item in final["items"]) or
-            final["state"] == "cancelled"
+            final["state"] in ("partial", "succeeded")
+            and any(item["state"] == "cancelled" for item in final["items"])
+            or final["state"] == "cancelled"
         )
         problem(http.post("/v1/jobs/nope/cancel"), 404, "not_found")
 
@@ -166,17 +164,26 @@ def test_invalid_requests_name_the_field(api_stack):
             "unsupported_media_type",
         )
         answer = problem(
-            http.post("/v1/jobs", content=b'{"input": "\xff"}',
-                      headers={"Content-Type": "application/json"}),
+            http.post(
+                "/v1/jobs",
+                content=b'{"input": "\xff"}',
+                headers={"Content-Type": "application/json"},
+            ),
             422,
             "invalid_request",
         )
         nested = b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}"
-        problem(http.post("/v1/jobs", content=nested,
-                          headers={"Content-Type": "application/json"}), 422, "invalid_request")
+        problem(
+            http.post("/v1/jobs", content=nested, headers={"Content-Type": "application/json"}),
+            422,
+            "invalid_request",
+        )
         big = b'{"input": "' + b"a" * (2 * 1024 * 1024) + b'"}'
-        problem(http.post("/v1/jobs", content=big,
-                          headers={"Content-Type": "application/json"}), 413, "payload_too_large")
+        problem(
+            http.post("/v1/jobs", content=big, headers={"Content-Type": "application/json"}),
+            413,
+            "payload_too_large",
+        )
     assert api_stack.api.alive()
 
 
@@ -184,7 +191,11 @@ def test_keys_command(api_stack):
     env = {**api_stack.env}
     run = lambda *args: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "ben2q.cli", "keys", *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     made = run("create", "cli-tenant", "--input-prefix", "s3://api-in/cli/", "--rate", "50")
     assert made.returncode == 0, made.stderr

@@ -411,7 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .api.serve import run_api
 
         return run_api(
-            Settings(), host=args.host, port=args.port, workers=args.workers,
+            Settings(),
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
             access_log=args.access_log,
         )
     if args.command == "remove":
