@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,9 @@ def test_example_files_name_only_real_settings(path, monkeypatch):
     for key, value in pairs.items():
         if key.startswith("BEN2Q_"):
             got = getattr(s, key.removeprefix("BEN2Q_").lower())
-            if isinstance(got, bool | int | float):
+            if isinstance(got, list):
+                assert got == json.loads(value)
+            elif isinstance(got, bool | int | float):
                 assert got == type(got)(value.lower() == "true" if isinstance(got, bool) else value)
             else:
                 assert str(got) == value or str(got) == str(Path(value))

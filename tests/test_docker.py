@@ -39,9 +39,9 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 
 GPU_WORKERS = {"worker-gpu0", "worker-gpu1"}
 WORKERS = GPU_WORKERS | {"webhooks", "worker-cpu"}
-BEN2Q_SERVICES = WORKERS | {"flower", "exporter"}
+BEN2Q_SERVICES = WORKERS | {"flower", "exporter", "api"}
 EXPECTED_SERVICES = BEN2Q_SERVICES | {"redis", "minio", "minio-init"}
-BUCKETS = ("ben2q-inputs", "ben2q-outputs")
+BUCKETS = ("ben2q-inputs", "ben2q-outputs", "ben2q-uploads")
 REQUIRED_ENV = {
     "MINIO_ROOT_PASSWORD": "minio-test-password",
     "BEN2Q_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
@@ -162,7 +162,7 @@ def test_ben2q_services_use_images_built_from_the_dockerfile(services, stages):
         assert target in stages, f"{name}: no stage {target!r} in the Dockerfile"
         assert target == ("gpu" if name in GPU_WORKERS else "cpu"), name
         assert service["image"].endswith(f":{target}"), name
-        assert service["command"][0] in {"worker", "flower", "exporter"}, name
+        assert service["command"][0] in {"worker", "flower", "exporter", "api"}, name
         assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
         assert service["restart"] == "unless-stopped", name
 
@@ -619,3 +619,21 @@ def test_the_health_check_passes_for_a_worker_started_like_the_webhooks_service(
             worker.kill()
             worker.wait()
     assert check().returncode == 1  # stopped: unhealthy
+
+
+def test_the_api_service_serves_from_the_image_with_storage_and_a_probe(services, compose):
+    """The HTTP API runs from the cpu image with the storage env, publishes its port on the
+    publish address and is health-checked on /healthz; its locations use created buckets."""
+    api = services["api"]
+    command = api["command"]
+    assert command[0] == "api" and flag_value(command, "--host") == "0.0.0.0"
+    port = flag_value(command, "--port")
+    assert api["ports"] == [f"${{BEN2Q_PUBLISH_ADDR:-127.0.0.1}}:{port}:{port}"]
+    env = api["environment"]
+    for name, value in compose["x-ben2q-env"].items():
+        assert env[name] == value, name
+    for name in ("BEN2Q_API_OUTPUT_LOCATION", "BEN2Q_API_UPLOAD_LOCATION"):
+        bucket = env[name].removeprefix("s3://").split("/", 1)[0]
+        assert bucket in BUCKETS, name
+    assert f"127.0.0.1:{port}/healthz" in api["healthcheck"]["test"][-1]
+    assert api["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"

@@ -1,7 +1,10 @@
-"""Operator commands that manage the service rather than jobs: ``ben2q keys``.
+"""Operator commands that manage the service rather than jobs: ``ben2q keys`` and
+``ben2q retention``.
 
 ``keys create NAME`` prints the new token once (only its hash is stored); ``keys list``
 shows every key without secrets; ``keys revoke ID`` stops a key at once on every replica.
+``retention apply`` puts S3 lifecycle rules on the API's upload and output locations;
+``retention clean`` deletes what is older than the retention (see ``ben2q.retention``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,30 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     listing.add_argument("--json", action="store_true")
     revoke = verbs.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("key_id", metavar="ID")
+
+    retention = sub.add_parser(
+        "retention",
+        help="expire the HTTP API's uploads and outputs (BEN2Q_API_RETENTION)",
+        description="Uploads and outputs made through the API are kept BEN2Q_API_RETENTION "
+        "seconds. `apply` puts S3 lifecycle rules on BEN2Q_API_UPLOAD_LOCATION and "
+        "BEN2Q_API_OUTPUT_LOCATION (whole days, merged with the bucket's other rules); "
+        "`clean` deletes older files under file:// locations (and S3 ones with --s3).",
+    )
+    steps = retention.add_subparsers(dest="verb", required=True, metavar="VERB")
+    steps.add_parser("apply", help="put the lifecycle rules on the S3 locations")
+    sweep = steps.add_parser("clean", help="delete files older than the retention")
+    sweep.add_argument(
+        "--s3",
+        action="store_true",
+        help="sweep S3 locations too (for stores that refuse lifecycle rules)",
+    )
+    sweep.add_argument(
+        "--older-than",
+        type=float,
+        metavar="SECONDS",
+        help="delete what is older than this instead of BEN2Q_API_RETENTION",
+    )
+    sweep.add_argument("--dry-run", action="store_true", help="print, delete nothing")
 
 
 def _row(key: ApiKey) -> str:
@@ -120,3 +147,23 @@ def run_keys(args: argparse.Namespace) -> int:
     finally:
         store.close()
     raise AssertionError(args.verb)
+
+
+def run_retention(args: argparse.Namespace) -> int:
+    from . import retention
+    from .storage import Storage
+
+    settings = Settings()
+    if getattr(args, "older_than", None) is not None and args.older_than < 0:
+        print("error: invalid_request: --older-than must be at least 0", file=sys.stderr)
+        return 2
+    with Storage(settings) as storage:
+        if args.verb == "apply":
+            return retention.apply(settings, storage)
+        return retention.clean(
+            settings,
+            storage,
+            s3=args.s3,
+            older_than=args.older_than,
+            dry_run=args.dry_run,
+        )

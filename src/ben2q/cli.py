@@ -407,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_health(args)
     if args.command == "keys":
         return admin.run_keys(args)
+    if args.command == "retention":
+        return admin.run_retention(args)
     if args.command == "api":
         from .api.serve import run_api
 

@@ -220,7 +220,10 @@ class Client(BaseClient):
         return self._found(self.store.get(job_id), job_id)
 
     def events(self, job_id: str | Job, timeout: float | None = None) -> Iterator[JobStatus]:
-        """The record now, then each update until a terminal state."""
+        """The record now, then each update until a terminal state.
+
+        All ``events``/``wait`` calls of a client, from any thread, share one Redis
+        subscription (``status.EventHub``)."""
         return self.store.events(self._job_id(job_id), timeout=timeout)
 
     def wait(self, job_id: str | Job, timeout: float | None = None) -> JobStatus:
@@ -342,6 +345,8 @@ class AsyncClient(BaseClient):
         return self.store.events(self._job_id(job_id), timeout=timeout)
 
     async def wait(self, job_id: str | Job, timeout: float | None = None) -> JobStatus:
+        """The terminal record. Any number of concurrent waits share one subscription and
+        batch their reads (``status.AsyncEventHub``): a few connections in all."""
         last: JobStatus | None = None
         async with contextlib.aclosing(
             self.store.events(self._job_id(job_id), timeout=timeout)

@@ -198,7 +198,11 @@ class Settings(BaseSettings):
         15.0, gt=0, description="Seconds between keep-alive comments on an event stream."
     )
     api_redis_connections: int = Field(
-        16, ge=2, le=1000, description="Redis connections one API process holds at most."
+        8,
+        ge=2,
+        le=1000,
+        description="Redis command connections one API process holds at most (requests "
+        "beyond them wait their turn); event streams share one more.",
     )
 
     @property

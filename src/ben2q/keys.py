@@ -58,6 +58,7 @@ TOKEN_PREFIX = "b2q_"
 _TOKEN = re.compile(r"^b2q_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.=+@-]{1,200}$")
 _ENCODED = re.compile(r"%(2f|5c|2e)", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class ScopeError(BEN2QError):
@@ -138,13 +139,24 @@ def _location(uri: str, field: str) -> _Location:
         parts = urlsplit(uri)
     except ValueError as exc:
         raise InvalidRequest(field, f"malformed URI: {exc}") from exc
-    if parts.query or parts.fragment:
-        # a query is part of an https input; it does not change which location it names
-        pass
+    if _CONTROL.search(uri):
+        raise InvalidRequest(field, "control characters are not allowed in a URI")
+    scheme = parts.scheme.lower()
+    if scheme in ("s3", "file") and ("?" in uri or "#" in uri):
+        # storage takes everything after the bucket as the key (and refuses both in file://
+        # paths), so a '?' or '#' would hide part of the key from the comparison below
+        raise ScopeError(field, "'?' and '#' are not allowed in s3:// and file:// locations")
     raw = parts.path
     if "\\" in raw or _ENCODED.search(raw):
         raise ScopeError(field, "encoded '/', '\\' or '.' is not allowed in a location")
-    path = unquote(raw)
+    if scheme == "s3":
+        # storage reads s3 keys literally (no percent-decoding) and the bucket is the whole
+        # netloc: compare exactly what it will read
+        if "@" in parts.netloc or ":" in parts.netloc:
+            raise ScopeError(field, "an s3:// location names a bucket only (no user or port)")
+        path = raw
+    else:
+        path = unquote(raw)
     segments = tuple(path.split("/")[1:]) if path.startswith("/") else tuple(path.split("/"))
     directory = path.endswith("/") or not path
     if directory:
@@ -152,10 +164,17 @@ def _location(uri: str, field: str) -> _Location:
     for segment in segments:
         if segment in ("", ".", ".."):
             raise ScopeError(field, "empty, '.' and '..' path segments are not allowed")
-    host = (parts.hostname or "").lower()
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return _Location(parts.scheme.lower(), host, segments, directory)
+    if scheme == "s3":
+        host = parts.netloc
+    else:
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise InvalidRequest(field, f"malformed URI: {exc}") from exc
+        host = (parts.hostname or "").lower()
+        if port is not None:
+            host = f"{host}:{port}"
+    return _Location(scheme, host, segments, directory)
 
 
 def under_prefix(uri: str, prefix: str, field: str = "input") -> bool:
@@ -178,12 +197,11 @@ def check_input(key: ApiKey, uri: str, field: str) -> str:
     """
     if not isinstance(uri, str):
         raise InvalidRequest(field, "must be a string URI")
+    where = _location(uri, field)  # malformed or smuggling URIs fail here, prefixes or not
     for prefix in key.input_prefixes:
         if under_prefix(uri, prefix, field):
             return uri
-    scheme = urlsplit(uri).scheme.lower()
-    if scheme == "https" and key.allow_urls:
-        _location(uri, field)  # no smuggled segments in URLs either
+    if where.scheme == "https" and key.allow_urls:
         return uri
     allowed = ", ".join(key.input_prefixes) or "no prefixes"
     urls = "public https URLs" if key.allow_urls else "no URLs"
@@ -246,6 +264,31 @@ if used == cost then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 return {1, used}
 """
 """Take ``cost`` units if they fit under ``limit`` in this window; nothing taken otherwise."""
+
+_AUTHENTICATE = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return {0} end
+local key = cjson.decode(raw)
+if key.hash ~= ARGV[1] or (key.revoked_at ~= nil and key.revoked_at ~= cjson.null) then
+  return {0}
+end
+local quota = tonumber(ARGV[2])
+if key.rate_requests ~= nil and key.rate_requests ~= cjson.null then
+  quota = tonumber(key.rate_requests)
+end
+local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+local ok = 0
+if used + 1 <= quota then
+  used = redis.call('INCRBY', KEYS[2], 1)
+  if used == 1 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+  ok = 1
+end
+return {1, raw, ok, used, quota}
+"""
+"""Find an active key by its id and token hash, and take one request from its limit, in one
+round trip. Only a key that matches takes a unit: a wrong token never spends a tenant's
+requests. (The hashes compared are SHA-256 digests of secrets, so the comparison's timing
+tells nothing useful.)"""
 
 
 @dataclass(frozen=True)
@@ -375,6 +418,7 @@ class AsyncKeyStore:
         self.names = names
         self.redis = client
         self._take = client.register_script(_TAKE)
+        self._authenticate = client.register_script(_AUTHENTICATE)
 
     async def authenticate(self, token: str) -> ApiKey | None:
         """The active key of ``token``, or None (malformed, unknown, wrong or revoked)."""
@@ -388,6 +432,26 @@ class AsyncKeyStore:
         if not matches(key, token) or not key.active:
             return None
         return key
+
+    async def authenticate_request(
+        self, token: str, default_quota: int, *, now: float | None = None
+    ) -> tuple[ApiKey, RateDecision] | None:
+        """``authenticate`` and one unit of the key's request limit, in one round trip."""
+        key_id = parse_token(token)
+        if key_id is None:
+            return None
+        index, reset = _window(time.time() if now is None else now)
+        reply = await self._authenticate(
+            keys=[self.names.key(key_id), self.names.rate(key_id, "requests", index)],
+            args=[token_hash(token), default_quota, WINDOW + 1],
+        )
+        if not reply or not reply[0]:
+            return None
+        _, raw, ok, used, quota = reply
+        key = ApiKey.model_validate_json(raw)
+        limit = RateLimit("requests", int(quota))
+        remaining = max(0, int(quota) - int(used))
+        return key, RateDecision(limit=limit, allowed=bool(ok), remaining=remaining, reset=reset)
 
     async def take(
         self, key_id: str, limit: RateLimit, cost: int = 1, *, now: float | None = None

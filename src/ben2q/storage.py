@@ -65,8 +65,10 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -88,7 +90,7 @@ from ben2q.errors import (
 )
 from ben2q.fetch import fetch_bytes
 
-__all__ = ["Storage"]
+__all__ = ["Entry", "Reader", "Storage"]
 
 _CHUNK = 1024 * 1024
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchVersion", "404"})
@@ -103,6 +105,42 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One object or file found by ``Storage.list``."""
+
+    uri: str
+    size: int
+    modified: float
+    """Epoch seconds (S3 ``LastModified``, a file's mtime)."""
+
+
+class Reader:
+    """An open output being streamed: ``read(n)`` until ``b""``, then ``close()``.
+
+    ``size`` and ``content_type`` come from the store (S3's headers, a file's size and
+    extension), so an answer can carry ``Content-Length`` before the first byte is read.
+    """
+
+    def __init__(
+        self, read: Callable[[int], bytes], close: Callable[[], None], size: int, content_type: str
+    ) -> None:
+        self._read = read
+        self._close = close
+        self.size = size
+        self.content_type = content_type
+
+    def read(self, n: int = _CHUNK) -> bytes:
+        return self._read(n)
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self._close()
+
+
+_TYPES_BY_EXT = {".png": "image/png", ".webp": "image/webp", ".jpg": "image/jpeg"}
+
+
 class Storage:
     """Reads and writes job inputs and outputs by URI; see the module docstring."""
 
@@ -110,6 +148,8 @@ class Storage:
         self.settings = settings or get_settings()
         self._lock = threading.Lock()
         self._client: Any = None
+        self._presign_client: Any = None
+        self._presign_endpoint: str | None = None
 
     # --- public API --------------------------------------------------------------------
 
@@ -164,16 +204,106 @@ class Storage:
             return os.path.isfile(path)
         raise InvalidRequest("input", f"exists() supports s3:// and file:// URIs, not {scheme!r}")
 
+    def open(self, uri: str) -> Reader:
+        """A streaming reader of the object or file at ``uri`` (no size limit: for answering
+        outputs, which may be larger than any input, without holding them in memory)."""
+        scheme = _scheme(uri, "input")
+        if scheme == "s3":
+            return self._s3_open(uri)
+        if scheme == "file":
+            return self._file_open(uri)
+        raise InvalidRequest("input", f"open() supports s3:// and file:// URIs, not {scheme!r}")
+
+    def presign(self, uri: str, expiry: int, *, endpoint_url: str | None = None) -> str:
+        """A presigned GET URL of the ``s3://`` object ``uri``, valid ``expiry`` seconds.
+
+        ``endpoint_url`` signs for the address clients use (the signature covers the host),
+        when that differs from ``BEN2Q_S3_ENDPOINT_URL``; no request is sent either way.
+        """
+        bucket, key = _split_s3(uri, "input")
+        client = self._s3() if endpoint_url in (None, self.settings.s3_endpoint_url) else None
+        if client is None:
+            with self._lock:
+                if self._presign_client is None or self._presign_endpoint != endpoint_url:
+                    self._presign_client = self._make_client(endpoint_url)
+                    self._presign_endpoint = endpoint_url
+                client = self._presign_client
+        try:
+            return client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=int(expiry)
+            )
+        except NoCredentialsError as exc:
+            raise StorageError(f"cannot presign {uri}: no AWS credentials found") from exc
+        except BotoCoreError as exc:
+            raise _s3_transport_error(uri, exc, "input") from exc
+
+    def list(self, uri: str) -> Iterator[Entry]:
+        """Every object or regular file under the location ``uri`` (recursively), for
+        retention sweeps; symlinks are not followed."""
+        scheme = _scheme(uri, "input")
+        if scheme == "s3":
+            yield from self._s3_list(uri)
+        elif scheme == "file":
+            yield from self._file_list(uri)
+        else:
+            raise InvalidRequest("input", f"list() supports s3:// and file:// URIs, not {scheme!r}")
+
+    def delete(self, uris: Sequence[str]) -> None:
+        """Delete objects or files (missing ones are no error); ``StorageError`` otherwise."""
+        by_bucket: dict[str, list[str]] = {}
+        for uri in uris:
+            scheme = _scheme(uri, "output")
+            if scheme == "s3":
+                bucket, key = _split_s3(uri, "output")
+                by_bucket.setdefault(bucket, []).append(key)
+            elif scheme == "file":
+                path = self._local_path(uri, "output")
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise StorageError(f"cannot delete {uri}: {exc.strerror or exc}") from exc
+            else:
+                raise InvalidRequest("output", f"cannot delete {scheme}:// URIs")
+        for bucket, keys in by_bucket.items():
+            for start in range(0, len(keys), 1000):  # DeleteObjects takes 1000 at most
+                batch = [{"Key": key} for key in keys[start : start + 1000]]
+                try:
+                    answer = self._s3().delete_objects(
+                        Bucket=bucket, Delete={"Objects": batch, "Quiet": True}
+                    )
+                except ClientError as exc:
+                    code, message, status = _client_error_parts(exc)
+                    raise StorageError(
+                        f"cannot delete in s3://{bucket}/: {code or status} {message}"
+                    ) from exc
+                except BotoCoreError as exc:
+                    raise StorageError(f"cannot reach S3 for s3://{bucket}/: {exc}") from exc
+                errors = answer.get("Errors") or []
+                if errors:
+                    first = errors[0]
+                    raise StorageError(
+                        f"cannot delete s3://{bucket}/{first.get('Key')}: "
+                        f"{first.get('Code')} {first.get('Message', '')}".rstrip()
+                    )
+
+    def s3_client(self) -> Any:
+        """The shared boto3 S3 client (for bucket-level calls such as lifecycle rules)."""
+        return self._s3()
+
     def close(self) -> None:
         """Release the S3 client's connections (a later call creates a new client).
 
         Call it when no other call on this ``Storage`` is running.
         """
         with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            with suppress(Exception):
-                client.close()
+            clients = (self._client, self._presign_client)
+            self._client = self._presign_client = None
+        for client in clients:
+            if client is not None:
+                with suppress(Exception):
+                    client.close()
 
     def __enter__(self) -> Storage:
         return self
@@ -198,7 +328,7 @@ class Storage:
                 client = self._client
         return client
 
-    def _make_client(self) -> Any:
+    def _make_client(self, endpoint_url: str | None = None) -> Any:
         import boto3
         from botocore.config import Config
 
@@ -212,14 +342,17 @@ class Storage:
             "read_timeout": 30,
             "max_pool_connections": max(10, s.io_threads * 2),
             "user_agent_extra": "ben2q",
+            # SigV4 everywhere; presigned URLs would otherwise be signed with legacy SigV2
+            "signature_version": "s3v4",
         }
-        if s.s3_endpoint_url:
+        endpoint_url = endpoint_url or s.s3_endpoint_url
+        if endpoint_url:
             # S3-compatible stores (MinIO, SeaweedFS, Ceph): path-style addressing, only the
             # checksums the operation requires (not every store knows the newer ones).
             options["s3"] = {"addressing_style": "path"}
             options["request_checksum_calculation"] = "when_required"
             options["response_checksum_validation"] = "when_required"
-        return session.client("s3", endpoint_url=s.s3_endpoint_url, config=Config(**options))
+        return session.client("s3", endpoint_url=endpoint_url, config=Config(**options))
 
     def _s3_read(self, uri: str) -> bytes:
         bucket, key = _split_s3(uri, "input")
@@ -288,7 +421,88 @@ class Storage:
             raise _s3_transport_error(uri, exc, "input") from exc
         return True
 
+    def _s3_open(self, uri: str) -> Reader:
+        bucket, key = _split_s3(uri, "input")
+        try:
+            response = self._s3().get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            raise _s3_read_error(uri, exc) from exc
+        except BotoCoreError as exc:
+            raise _s3_transport_error(uri, exc, "input") from exc
+        body = response["Body"]
+
+        def read(n: int) -> bytes:
+            try:
+                return body.read(n)
+            except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise StorageError(f"reading {uri} failed: {exc}") from exc
+
+        return Reader(
+            read,
+            body.close,
+            int(response.get("ContentLength") or 0),
+            response.get("ContentType") or "application/octet-stream",
+        )
+
+    def _s3_list(self, uri: str) -> Iterator[Entry]:
+        rest = uri.split("://", 1)[1]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise InvalidRequest("input", f"{uri} names no bucket")
+        paginator = self._s3().get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents") or []:
+                    yield Entry(
+                        f"s3://{bucket}/{obj['Key']}",
+                        int(obj.get("Size") or 0),
+                        obj["LastModified"].timestamp(),
+                    )
+        except ClientError as exc:
+            raise _s3_read_error(uri, exc) from exc
+        except BotoCoreError as exc:
+            raise _s3_transport_error(uri, exc, "input") from exc
+
     # --- file:// -----------------------------------------------------------------------
+
+    def _file_open(self, uri: str) -> Reader:
+        path = self._local_path(uri, "input")
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise NotFound(f"no such file: {uri}") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot open {uri}: {exc.strerror or exc}") from exc
+        try:
+            info = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from exc
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise NotFound(f"{uri} is not a file")
+        ext = os.path.splitext(path)[1].lower()
+        return Reader(
+            lambda n: os.read(fd, n),
+            lambda: os.close(fd),
+            info.st_size,
+            _TYPES_BY_EXT.get(ext, "application/octet-stream"),
+        )
+
+    def _file_list(self, uri: str) -> Iterator[Entry]:
+        base = self._local_path(uri if uri.endswith("/") else uri + "/", "input")
+        if not os.path.isdir(base):
+            return
+        for parent, dirs, files in os.walk(base):  # os.walk does not follow symlinks
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(parent, name)
+                try:
+                    info = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    yield Entry(Path(path).as_uri(), info.st_size, info.st_mtime)
 
     def _root(self, field: str) -> str:
         root = self.settings.local_root

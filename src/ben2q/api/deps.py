@@ -20,7 +20,7 @@ from .state import Services
 bearer = HTTPBearer(auto_error=False, description="An API key from `ben2q keys create`.")
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     return request.app.state.services
 
 
@@ -58,12 +58,13 @@ async def authenticated(
         raise Problem(
             401, "unauthorized", "send 'Authorization: Bearer <API key>'", headers=challenge
         )
-    key = await svc.keys.authenticate(credentials.credentials)
-    if key is None:
+    found = await svc.keys.authenticate_request(
+        credentials.credentials, svc.settings.api_rate_requests
+    )
+    if found is None:
         raise Problem(401, "unauthorized", "unknown or revoked API key", headers=challenge)
+    key, decision = found
     request.state.key = key
-    limit = RateLimit("requests", key.rate_requests or svc.settings.api_rate_requests)
-    decision = await svc.keys.take(key.id, limit)
     request.state.rate = [decision]
     if not decision.allowed:
         raise limited(decision, request.state.rate)

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import BEN2QError, InvalidRequest
 
@@ -152,6 +153,78 @@ _HTTP_CODES = {
 }
 
 
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "An RFC 9457 problem document with our stable `code`.",
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "code"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": {"type": "string"},
+        "code": {"type": "string", "enum": sorted(STATUS_OF)},
+        "instance": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["pointer", "detail"],
+                "properties": {"pointer": {"type": "string"}, "detail": {"type": "string"}},
+            },
+        },
+    },
+}
+
+_COMMON = {
+    "401": "No, unknown or revoked API key",
+    "422": "Invalid request; `errors` names each field",
+    "429": "Over the key's rate limit (`Retry-After` says when to retry)",
+}
+_RETRY_AFTER = {
+    "description": "Seconds to wait before retrying.",
+    "schema": {"type": "integer", "minimum": 0},
+}
+
+
+def document(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make an OpenAPI document say what the API answers on errors: every 4xx/5xx is
+    ``application/problem+json`` (a ``Problem``), and every authenticated operation may
+    answer 401, 422 and 429. Routes then only name their own statuses."""
+    schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+    content = {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses = operation["responses"]
+            if operation.get("security"):
+                for code, description in _COMMON.items():
+                    responses.setdefault(code, {"description": description})
+            for code, response in responses.items():
+                if code[:1] not in ("4", "5"):
+                    continue
+                response["content"] = dict(content)
+                if code in ("429", "503"):
+                    response.setdefault("headers", {})["Retry-After"] = _RETRY_AFTER
+    return schema
+
+
+def _allowed(request: Request) -> list[str]:
+    """Every method the API documents for this path (Starlette's ``Allow`` names only the
+    first matching route's, so ``/v1/jobs`` would claim POST alone). Read from the OpenAPI
+    document, the one public map of routes to methods."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, request.url.path):
+            methods.update(m.upper() for m in operations if m in _METHODS)
+    return sorted(methods)
+
+
+_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
 def install(app: FastAPI) -> None:
     """Render every error of ``app`` as a problem document."""
 
@@ -173,8 +246,17 @@ def install(app: FastAPI) -> None:
             exc.status_code, "invalid_request" if exc.status_code < 500 else "internal"
         )
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        problem = Problem(exc.status_code, code, detail, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed(request))
+        problem = Problem(exc.status_code, code, detail, headers=headers)
         return problem.response(request.url.path)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # the client left mid-body: nobody reads this answer, and it is no server fault
+        detail = "the client closed the connection before the body ended"
+        return Problem(400, "invalid_request", detail).response(request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -31,9 +31,25 @@ async def guard_host(svc: Services, url: str, field: str) -> None:
     deployment allows them), as the fetcher will again at the worker."""
     if svc.settings.allow_private_urls:
         return
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    where = "/" + field.replace("[", "/").rstrip("]")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # a bad port or bracketed host: refuse, never a 500
+        raise Problem(
+            422,
+            "invalid_request",
+            f"{field}: malformed URL: {exc}",
+            errors=[{"pointer": where, "detail": f"malformed URL: {exc}"}],
+        ) from exc
+    if not host:
+        raise Problem(
+            422,
+            "invalid_request",
+            f"{field}: the URL names no host",
+            errors=[{"pointer": where, "detail": "the URL names no host"}],
+        )
     try:
         await asyncio.to_thread(
             resolve_and_check, host, port, allow_private=False, timeout=DNS_TIMEOUT
@@ -43,14 +59,14 @@ async def guard_host(svc: Services, url: str, field: str) -> None:
             422,
             exc.code,
             f"{field}: {exc.message}",
-            errors=[{"pointer": "/" + field.replace("[", "/").rstrip("]"), "detail": exc.message}],
+            errors=[{"pointer": where, "detail": exc.message}],
         ) from exc
     except FetchError as exc:
         raise Problem(
             422,
             "fetch_failed",
             f"{field}: {exc.message}",
-            errors=[{"pointer": "/" + field.replace("[", "/").rstrip("]"), "detail": exc.message}],
+            errors=[{"pointer": where, "detail": exc.message}],
         ) from exc
 
 
@@ -59,7 +75,12 @@ async def queue_length(svc: Services) -> int:
 
 
 async def build_request(
-    svc: Services, key: ApiKey, body: JobCreate, *, uploads: Sequence[str] = ()
+    svc: Services,
+    key: ApiKey,
+    body: JobCreate,
+    *,
+    uploads: Sequence[str] = (),
+    job_id: str | None = None,
 ) -> JobRequest:
     """Validate ``body`` against the key (nothing is written); ``Problem``/errors if bad."""
     settings = svc.settings
@@ -95,6 +116,7 @@ async def build_request(
         local_root=local_root,
         tenant=key.id,
         expires_at=now + settings.api_retention,
+        job_id=job_id,
     )
     if not uploads:  # uploads are the API's own objects; URIs must be in the key's scope
         for i, uri in enumerate(request.inputs):
@@ -134,13 +156,14 @@ async def enqueue(svc: Services, key: ApiKey, job: JobRequest) -> JobStatus:
 
 async def owned(svc: Services, key: ApiKey, job_id: str) -> JobStatus:
     """The record of ``job_id`` if ``key`` made it; 404 otherwise (ids are not probeable)."""
-    status = await svc.store.get(job_id) if _plausible(job_id) else None
+    status = await svc.store.get(job_id) if plausible(job_id) else None
     if status is None or status.tenant != key.id:
         raise Problem(404, "not_found", f"no job {job_id!r}")
     return status
 
 
-def _plausible(job_id: str) -> bool:
+def plausible(job_id: str) -> bool:
+    """Whether ``job_id`` has the form of a job id (anything else cannot exist)."""
     return (
         0 < len(job_id) <= 128
         and all(c.isalnum() or c in "_-" for c in job_id)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import re
 from typing import Annotated
 
@@ -13,11 +14,12 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import ValidationError
 
 from ...jobs import JobState, JobStatus
+from .. import idempotency
 from ..bodies import is_json, media_type, read_json
 from ..deps import KeyDep, ServicesDep
 from ..models import JobCreate, JobPage
 from ..problems import Problem, invalid
-from ..submit import admit, build_request, enqueue, owned
+from ..submit import admit, build_request, enqueue, owned, plausible
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -48,10 +50,6 @@ async def hold(svc, job: JobStatus, seconds: int) -> JobStatus:
     return await svc.store.get(job.id) or job
 
 
-def _location(response: Response, job: JobStatus) -> None:
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-
-
 @router.post(
     "",
     status_code=202,
@@ -62,54 +60,82 @@ def _location(response: Response, job: JobStatus) -> None:
             "description": "With `Prefer: wait=N`: the record after the wait",
             "model": JobStatus,
         },
+        400: {"description": "A malformed `Idempotency-Key`"},
         403: {"description": "An input or the output lies outside the key's scopes"},
+        409: {"description": "A request with this `Idempotency-Key` is still in flight"},
         413: {"description": "An upload or the body is too large"},
-        422: {"description": "Invalid request; `errors` names each field"},
+        415: {"description": "Neither JSON nor multipart/form-data"},
+        422: {
+            "description": "Invalid request (`errors` names each field), or an "
+            "`Idempotency-Key` reused with another request"
+        },
         503: {"description": "The queue is over its bound (back-pressure)"},
     },
     openapi_extra={
+        "parameters": [idempotency.PARAMETER],
         "requestBody": {
             "required": True,
             "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}},
                 "multipart/form-data": {"schema": {"$ref": "#/components/schemas/JobUpload"}},
             },
-        }
+        },
     },
 )
 async def create_job(
     request: Request,
-    response: Response,
     svc: ServicesDep,
     key: KeyDep,
     prefer: Annotated[str | None, Header(max_length=256)] = None,
-) -> JobStatus:
+) -> Response:
     """Submit one image (`input`) or a batch (`inputs`) by URI, or upload files
     (`multipart/form-data`, one or more `file` parts). Answers 202 with the job's record
     and `Location`; with `Prefer: wait=N` (N ≤ 60) it answers 201 once the job ended or N
-    seconds passed, whichever is first."""
-    if media_type(request) == "multipart/form-data":
-        from ..uploads import receive  # noqa: PLC0415 - the upload path's own module
+    seconds passed, whichever is first. With `Idempotency-Key`, a retry answers the first
+    request's job and answer again."""
+    async with idempotency.claim(request, svc, key) as idem:
+        if idem is not None and idem.stored is not None:
+            replay = idem.stored.response()
+            if replay is not None:
+                return replay
+            return _answer(await owned(svc, key, idem.stored.job_id), 202)
+        if media_type(request) == "multipart/form-data":
+            from ..uploads import receive  # noqa: PLC0415 - the upload path's own module
 
-        job = await receive(request, svc, key)
-    elif is_json(request):
-        body = await read_json(request, JobCreate, svc.settings.api_max_json_bytes)
-        job = await build_request(svc, key, body)
-        await admit(request, svc, key, len(job.inputs))
-    else:
-        raise Problem(
-            415,
-            "unsupported_media_type",
-            "send application/json, or multipart/form-data with 'file' parts",
+            job = await receive(request, svc, key)
+        elif is_json(request):
+            body = await read_json(request, JobCreate, svc.settings.api_max_json_bytes)
+            job = await build_request(svc, key, body)
+            await admit(request, svc, key, len(job.inputs))
+        else:
+            raise Problem(
+                415,
+                "unsupported_media_type",
+                "send application/json, or multipart/form-data with 'file' parts",
+            )
+        status = await enqueue(svc, key, job)
+        answer = _answer(status, 202)
+        if idem is not None:
+            await idem.save(status.id, answer)
+        seconds = prefer_wait(prefer, svc.settings.api_max_wait)
+        if seconds is None:
+            return answer
+        answer = _answer(
+            await hold(svc, status, seconds), 201, {"Preference-Applied": f"wait={seconds}"}
         )
-    status = await enqueue(svc, key, job)
-    _location(response, status)
-    seconds = prefer_wait(prefer, svc.settings.api_max_wait)
-    if seconds is None:
-        return status
-    response.status_code = 201
-    response.headers["Preference-Applied"] = f"wait={seconds}"
-    return await hold(svc, status, seconds)
+        if idem is not None:
+            await idem.save(status.id, answer)
+        return answer
+
+
+def _answer(status: JobStatus, code: int, headers: dict[str, str] | None = None) -> Response:
+    """The job's record as the answer (serialized here so a replay repeats its bytes)."""
+    return Response(
+        status.model_dump_json(),
+        status_code=code,
+        media_type="application/json",
+        headers={"Location": f"/v1/jobs/{status.id}", **(headers or {})},
+    )
 
 
 def _cursor(created_at: float, job_id: str) -> str:
@@ -134,7 +160,7 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(max_length=300)] = None,
 ) -> JobPage:
     """The key's jobs, newest first, `limit` per page; pass `next_cursor` as `cursor`."""
-    before = None if cursor is None else _parse_cursor(cursor)
+    before = None if not cursor else _parse_cursor(cursor)  # "" is the first page too
     found: list[JobStatus] = []
     scanned = 0
     exhausted = False
@@ -165,9 +191,14 @@ async def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=PROBLEMS)
-async def get_job(job_id: str, svc: ServicesDep, key: KeyDep) -> JobStatus:
+async def get_job(job_id: str, svc: ServicesDep, key: KeyDep) -> Response:
     """The job's record."""
-    return await owned(svc, key, job_id)
+    # The stored JSON is the JobStatus the workers wrote: answered as it is, after the
+    # tenant check, instead of being validated and serialized again (the hottest route).
+    raw = await svc.redis.get(svc.store.keys.job(job_id)) if plausible(job_id) else None
+    if raw is None or json.loads(raw).get("tenant") != key.id:
+        raise Problem(404, "not_found", f"no job {job_id!r}")
+    return Response(raw, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobStatus, responses=PROBLEMS)
