@@ -12,13 +12,12 @@ import redis
 
 from ben2q.client import AsyncClient, Client
 from ben2q.config import Settings
+from ben2q.eventhub import HubState, Waiter
 from ben2q.jobs import JobStatus, make_request
 from ben2q.status import (
     KEYS,
     AsyncStatusStore,
-    HubState,
     StatusStore,
-    Waiter,
     event_id,
     event_order,
     parse_event_id,
@@ -233,7 +232,9 @@ def test_bounded_pool_and_many_event_streams(url, raw):
             return seen
 
     for states in asyncio.run(main()):
-        assert states == ["queued", "running", "succeeded"]
+        # latest state, not history: a fallback re-read that lands after the final save
+        # may overtake the "running" message still queued at the hub, which is then dropped
+        assert states in (["queued", "running", "succeeded"], ["queued", "succeeded"]), states
 
 
 def test_a_slow_consumer_delays_no_one_and_gets_the_final_state(url, raw):
@@ -363,8 +364,8 @@ def test_async_hub_resumes_after_a_redis_restart(own_redis):
             await asyncio.to_thread(finish_all, url, jobs)
             results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
             assert store.hub.reconnects >= 1
-            for states in results:
-                assert states == ["queued", "running", "succeeded"]
+            for states in results:  # "running" is missed if Redis stopped before it arrived
+                assert states in (["queued", "running", "succeeded"], ["queued", "succeeded"])
             check = redis.Redis.from_url(url)
             assert check.pubsub_numsub(KEYS.events(jobs[0].id))[0][1] <= 1
             check.close()

@@ -223,7 +223,7 @@ class Client(BaseClient):
         """The record now, then each update until a terminal state.
 
         All ``events``/``wait`` calls of a client, from any thread, share one Redis
-        subscription (``status.EventHub``)."""
+        subscription (``eventhub.EventHub``)."""
         return self.store.events(self._job_id(job_id), timeout=timeout)
 
     def wait(self, job_id: str | Job, timeout: float | None = None) -> JobStatus:
@@ -346,7 +346,7 @@ class AsyncClient(BaseClient):
 
     async def wait(self, job_id: str | Job, timeout: float | None = None) -> JobStatus:
         """The terminal record. Any number of concurrent waits share one subscription and
-        batch their reads (``status.AsyncEventHub``): a few connections in all."""
+        batch their reads (``eventhub.AsyncEventHub``): a few connections in all."""
         last: JobStatus | None = None
         async with contextlib.aclosing(
             self.store.events(self._job_id(job_id), timeout=timeout)
