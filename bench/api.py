@@ -100,7 +100,7 @@ def redis_connections(pid: int, redis_port: int) -> int:
 class Service:
     """Redis, S3, one API process and (on demand) one worker, with a key."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra_env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.redis = RedisServer(tmp / "redis").start()
         self.s3 = S3Server(tmp / "s3").start()
@@ -123,6 +123,7 @@ class Service:
                 "BEN2Q_API_MAX_QUEUED": "100000000",
                 "BEN2Q_LOG_FORMAT": "text",
                 "BEN2Q_HEALTH_DIR": str(tmp / "health"),
+                **(extra_env or {}),
             }
         )
         for name, value in self.env.items():
@@ -195,9 +196,10 @@ def bench_submit(svc: Service, rounds: int) -> None:
     settings = svc.settings(queue="bench-idle")
     # the API's own jobs also go to a queue nobody consumes: restart it on that queue
     api_ms, client_ms = [], []
-    with httpx.Client(base_url=svc.url, headers=svc.headers()) as http, Client(
-        settings=settings
-    ) as client:
+    with (
+        httpx.Client(base_url=svc.url, headers=svc.headers()) as http,
+        Client(settings=settings) as client,
+    ):
         for _ in range(30):  # warm both
             http.post("/v1/jobs", json=body).raise_for_status()
             client.submit(body["input"], "s3://bench-out/c/")
@@ -231,9 +233,19 @@ def bench_get(svc: Service, seconds: int) -> None:
         return
     before = rss_mb(svc.api.pid)
     out = subprocess.run(
-        [wrk, "-t1", "-c50", f"-d{seconds}s", "--latency", "-H",
-         f"Authorization: Bearer {svc.token}", f"{svc.url}/v1/jobs/{job}"],
-        capture_output=True, text=True, check=True,
+        [
+            wrk,
+            "-t1",
+            "-c50",
+            f"-d{seconds}s",
+            "--latency",
+            "-H",
+            f"Authorization: Bearer {svc.token}",
+            f"{svc.url}/v1/jobs/{job}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
@@ -258,9 +270,10 @@ def bench_remove(svc: Service, rounds: int) -> None:
     data = png(640, 480, seed=3)
     s3 = svc.s3.client()
     api_ms, client_ms = [], []
-    with httpx.Client(base_url=svc.url, headers=svc.headers(), timeout=120) as http, Client(
-        settings=svc.settings()
-    ) as client:
+    with (
+        httpx.Client(base_url=svc.url, headers=svc.headers(), timeout=120) as http,
+        Client(settings=svc.settings()) as client,
+    ):
 
         def via_api() -> bytes:
             answer = http.post("/v1/remove", files={"file": ("p.png", data, "image/png")})
@@ -302,8 +315,9 @@ def _make_records(svc: Service, count: int, tenant: str | None) -> list[str]:
 
     with store.redis.pipeline(transaction=False) as pipe:
         for _ in range(count):
-            request = make_request("single", ["s3://bench-in/s.png"], "s3://bench-out/x/",
-                                   tenant=tenant)
+            request = make_request(
+                "single", ["s3://bench-in/s.png"], "s3://bench-out/x/", tenant=tenant
+            )
             status = JobStatus.queued(request)
             pipe.set(store.keys.job(status.id), status.model_dump_json(), ex=3600)
             ids.append(status.id)
@@ -312,14 +326,19 @@ def _make_records(svc: Service, count: int, tenant: str | None) -> list[str]:
     return ids
 
 
-def _finish_all(svc: Service, ids: list[str]) -> dict[str, float]:
-    """Save every job's terminal record (pipelined in 100s); the time each was saved."""
+def _finish_all(svc: Service, ids: list[str], rate: float = 0.0) -> dict[str, float]:
+    """Save every job's terminal record (pipelined in 100s; ``rate`` > 0: at most that many
+    per second, in steps of 10 ms); the time each was saved."""
     from ben2q.status import StatusStore, encode
 
     store = StatusStore(svc.redis.url, ttl=3600)
     saved: dict[str, float] = {}
-    for start in range(0, len(ids), 100):
-        chunk = ids[start : start + 100]
+    step = max(1, int(rate / 100)) if rate else 100
+    began = time.monotonic()
+    for start in range(0, len(ids), step):
+        if rate:
+            time.sleep(max(0.0, began + start / rate - time.monotonic()))
+        chunk = ids[start : start + step]
         records = []
         for job_id in chunk:
             status = store.get(job_id)
@@ -343,38 +362,66 @@ def _finish_all(svc: Service, ids: list[str]) -> dict[str, float]:
 
 
 SSE_CLIENT = r"""
+# A light SSE client: raw asyncio streams (no HTTP library), so that on the API's own two
+# cores the client costs little and the latency measured is the API's.
 import asyncio, json, sys, time
-import httpx
 
-async def main(url, token, ids, ready_path, out_path):
-    limits = httpx.Limits(max_connections=len(ids) + 10, max_keepalive_connections=0)
-    done = {}
-    opened = 0
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(600, connect=60),
-                                 headers={"Authorization": "Bearer " + token}) as http:
-        async def one(job_id):
-            nonlocal opened
-            async with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
-                response.raise_for_status()
-                first = True
-                async for line in response.aiter_lines():
-                    if line.startswith("data:"):
-                        if first:
-                            first = False
-                            opened += 1
-                            if opened == len(ids):
-                                open(ready_path, "w").write("ready")
-                        if '"state":"succeeded"' in line:
-                            done[job_id] = time.time()
-        results = await asyncio.gather(*(one(j) for j in ids), return_exceptions=True)
-    errors = [repr(r) for r in results if isinstance(r, BaseException)]
+async def main(port, token, ids, ready_path, out_path):
+    done, errors = {}, []
+    opened = failed = 0
+
+    def progress():
+        if opened + failed == len(ids):
+            open(ready_path, "w").write(json.dumps({"opened": opened, "failed": failed,
+                                                    "errors": errors[:5]}))
+
+    async def one(job_id):
+        nonlocal opened, failed
+        first = True
+        try:
+            for attempt in range(20):
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    break
+                except OSError:
+                    await asyncio.sleep(0.2 * (attempt + 1))
+            writer.write((f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\n"
+                          f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
+                          ).encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head[:300].decode(errors="replace") +
+                                   (await reader.read(300)).decode(errors="replace"))
+            tail = b""
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                data = tail + chunk
+                if first and b"data:" in data:
+                    first = False
+                    opened += 1
+                    progress()
+                if b'"state":"succeeded"' in data:
+                    done[job_id] = time.time()
+                    break
+                tail = data[-64:]
+            writer.close()
+        except Exception as exc:
+            errors.append(repr(exc)[:400])
+            if first:
+                failed += 1
+                progress()
+
+    await asyncio.gather(*(one(j) for j in ids))
     json.dump({"done": done, "errors": errors[:5], "error_count": len(errors)}, open(out_path, "w"))
 
-asyncio.run(main(sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), sys.argv[4], sys.argv[5]))
+port, token, ids_path, ready_path, out_path = sys.argv[1:6]
+asyncio.run(main(int(port), token, json.load(open(ids_path)), ready_path, out_path))
 """
 
 
-def bench_sse(svc: Service, count: int) -> None:
+def bench_sse(svc: Service, count: int, rate: float = 0.0) -> None:
     ids = _make_records(svc, count, svc.key.id)
     tmp = svc.tmp
     (tmp / "ids.json").write_text(json.dumps(ids))
@@ -385,23 +432,45 @@ def bench_sse(svc: Service, count: int) -> None:
     rss_before = rss_mb(svc.api.pid)
     started = time.monotonic()
     client = subprocess.Popen(
-        [sys.executable, str(tmp / "sse_client.py"), svc.url, svc.token, str(tmp / "ids.json"),
-         str(ready), str(out)]
+        [
+            sys.executable,
+            str(tmp / "sse_client.py"),
+            str(svc.api_port),
+            svc.token,
+            str(tmp / "ids.json"),
+            str(ready),
+            str(out),
+        ]
     )
     while not ready.exists():
-        if client.poll() is not None or time.monotonic() - started > 300:
+        if client.poll() is not None or time.monotonic() - started > 600:
+            client.kill()
             raise RuntimeError("the SSE client did not open its streams")
         time.sleep(0.1)
     opened_s = time.monotonic() - started
+    time.sleep(0.2)
+    opening = json.loads(ready.read_text())
+    if opening["failed"]:
+        print(f"sse: {opening['failed']} of {count} streams failed to open: {opening['errors']}")
     time.sleep(1.0)
     held = redis_connections(svc.api.pid, svc.redis.port)
     rss_during = rss_mb(svc.api.pid)
-    saved = _finish_all(svc, ids)
+    saved = _finish_all(svc, ids, rate)
     client.wait(300)
     result = json.loads(out.read_text())
+    internal = (tmp / "api.log").read_text(errors="replace").split("internal error on")
+    if len(internal) > 1:
+        print(
+            "sse: the API logged",
+            len(internal) - 1,
+            "internal errors; the last:",
+            internal[-1][-1500:],
+        )
     lat = [(result["done"][j] - saved[j]) * 1000 for j in ids if j in result["done"]]
     print(
-        f"sse: {count} streams on one API process opened in {opened_s:.1f} s; final event "
+        f"sse: {count} streams on one API process opened in {opened_s:.1f} s; "
+        f"{f'jobs finishing at {rate:g}/s' if rate else 'all jobs finished at once'}; "
+        "final event "
         f"received by {len(lat)}/{count} (errors {result['error_count']}); latency from the "
         f"save p50 {pct(lat, 50):.0f} ms p99 {pct(lat, 99):.0f} ms max {max(lat):.0f} ms "
         f"(goal p99 <= 250); Redis connections held by the API process: {held} (goal <= 10); "
@@ -449,16 +518,25 @@ def main() -> None:
     parser.add_argument("--remove-rounds", type=int, default=15)
     parser.add_argument("--streams", type=int, default=5000)
     parser.add_argument("--waits", type=int, default=1000)
+    parser.add_argument(
+        "--api-env", action="append", default=[], metavar="BEN2Q_X=V", help="API settings"
+    )
+    parser.add_argument(
+        "--finish-rate", type=float, default=1000, help="jobs ending per second (paced run)"
+    )
     args = parser.parse_args()
     parts = set(args.only.split(","))
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
         "?",
     )
     print(f"CPU: {cpu}, {os.cpu_count()} cores; python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory(prefix="ben2q-bench-api-") as tmp:
-        svc = Service(Path(tmp))
+        svc = Service(Path(tmp), dict(kv.split("=", 1) for kv in args.api_env))
         try:
             if "submit" in parts:
                 bench_submit(svc, args.submit_rounds)
@@ -467,7 +545,8 @@ def main() -> None:
             if "remove" in parts:
                 bench_remove(svc, args.remove_rounds)
             if "sse" in parts:
-                bench_sse(svc, args.streams)
+                bench_sse(svc, args.streams)  # a burst: every job ends at once
+                bench_sse(svc, args.streams, rate=args.finish_rate)
             if "wait" in parts:
                 bench_wait(svc, args.waits)
         finally:

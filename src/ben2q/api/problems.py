@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -257,6 +258,19 @@ def install(app: FastAPI) -> None:
         # the client left mid-body: nobody reads this answer, and it is no server fault
         detail = "the client closed the connection before the body ended"
         return Problem(400, "invalid_request", detail).response(request.url.path)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis(request: Request, exc: redis.RedisError) -> JSONResponse:
+        # Redis away, or every pooled connection busy past the pool's wait (a surge):
+        # the caller should come back, not read it as a bug.
+        log.warning("Redis unavailable on %s %s: %r", request.method, request.url.path, exc)
+        problem = Problem(
+            503,
+            "unavailable",
+            "the service's store is busy or unreachable; retry shortly",
+            headers={"Retry-After": "2"},
+        )
+        return problem.response(request.url.path)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
