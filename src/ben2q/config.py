@@ -202,7 +202,8 @@ class Settings(BaseSettings):
         ge=2,
         le=1000,
         description="Redis command connections one API process holds at most (requests "
-        "beyond them wait their turn); event streams share one more.",
+        "beyond them wait their turn); event streams share one more, and sending jobs "
+        "uses Celery's broker connections (2 when busy).",
     )
 
     @property
