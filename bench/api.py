@@ -47,7 +47,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from servers import S3_ENV, RedisServer, S3Server, free_port  # noqa: E402
+from servers import S3_ENV, RedisServer, S3Server, free_port, redis_connections  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -71,30 +71,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def redis_connections(pid: int, redis_port: int) -> int:
-    """TCP connections of process ``pid`` to ``redis_port`` on loopback (from /proc)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-            if fields[9] in inodes and remote_port == redis_port and fields[3] == "01":
-                count += 1
-    return count
 
 
 class Service:
@@ -453,7 +429,7 @@ def bench_sse(svc: Service, count: int, rate: float = 0.0) -> None:
     if opening["failed"]:
         print(f"sse: {opening['failed']} of {count} streams failed to open: {opening['errors']}")
     time.sleep(1.0)
-    held = redis_connections(svc.api.pid, svc.redis.port)
+    held = len(redis_connections(svc.api.pid, svc.redis.port))
     rss_during = rss_mb(svc.api.pid)
     saved = _finish_all(svc, ids, rate)
     client.wait(300)
@@ -494,7 +470,7 @@ def bench_wait(svc: Service, count: int) -> None:
 
             tasks = [asyncio.create_task(one(j)) for j in ids]
             await asyncio.sleep(3.0)
-            held = redis_connections(os.getpid(), svc.redis.port)
+            held = len(redis_connections(os.getpid(), svc.redis.port))
             saved = await asyncio.to_thread(_finish_all, svc, ids)
             results = await asyncio.gather(*tasks, return_exceptions=True)
         errors = sum(isinstance(r, BaseException) for r in results)

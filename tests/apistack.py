@@ -10,14 +10,54 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
+from PIL import Image
 from servers import free_port
-from stack import ROOT, Worker, service_env, settings_of
+from stack import ROOT, Worker, png_bytes, service_env, settings_of
 
+from ben2q.api.problems import PROBLEM_TYPE
 from ben2q.config import Settings
 from ben2q.keys import ApiKey, KeyStore
 
 API_DB = 5
 """Redis database of the API tests' service (broker, records, keys): no other module's."""
+TERMINAL = ("succeeded", "partial", "failed", "cancelled")
+
+
+def photo_image(seed: int = 0, size=(64, 48)) -> Image.Image:
+    """A noisy RGB picture, different for each seed."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8))
+
+
+def photo(seed: int = 0, size=(64, 48)) -> bytes:
+    """``photo_image`` as PNG bytes."""
+    return png_bytes(photo_image(seed, size))
+
+
+def problem(response: httpx.Response, status: int, code: str, pointer: str | None = None) -> dict:
+    """The problem document of ``response``, checked: status, code, type and the named
+    field (``pointer``) when given."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["code"] == code, body
+    assert body["type"] == PROBLEM_TYPE + code and body["title"] and body["detail"]
+    if pointer is not None:
+        assert pointer in [e["pointer"] for e in body.get("errors", [])], body
+    return body
+
+
+def wait_done(http: httpx.Client, job_id: str, timeout: float = 60) -> dict:
+    """The job's record once it is in a terminal state (polled over the API)."""
+    deadline = time.monotonic() + timeout
+    record: dict = {}
+    while time.monotonic() < deadline:
+        record = http.get(f"/v1/jobs/{job_id}").json()
+        if record["state"] in TERMINAL:
+            return record
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} not done: {record}")
 
 
 class ApiServer:

@@ -32,6 +32,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def redis_connections(pid: int, redis_port: int) -> set[int]:
+    """Local ports of the process's established TCP connections to Redis (from /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as rows:
+            next(rows)
+            for row in rows:
+                cols = row.split()
+                local, remote, state, inode = cols[1], cols[2], cols[3], cols[9]
+                to_redis = int(remote.split(":")[1], 16) == redis_port
+                if inode in inodes and state == "01" and to_redis:  # 01: ESTABLISHED
+                    ports.add(int(local.split(":")[1], 16))
+    return ports
+
+
 def _wait(check, what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     last: Exception | None = None

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Iterable, Iterator
 
 import httpx
 import pytest
 import redis
-from apistack import ApiServer
-from test_api_jobs import photo, problem
+from apistack import ApiServer, photo, problem
+from servers import redis_connections
 
 from ben2q.jobs import JobStatus, make_request
 from ben2q.status import KEYS, StatusStore, event_id, parse_event_id
@@ -79,29 +78,6 @@ def finished(status: JobStatus, state: str = "succeeded") -> JobStatus:
     new.started_at = new.started_at or time.time()
     new.finished_at = time.time()
     return new
-
-
-def redis_connections(pid: int, redis_port: int) -> set[int]:
-    """Local ports of the process's established TCP connections to Redis (from /proc)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        with open(f"/proc/{pid}/net/{table}") as rows:
-            next(rows)
-            for row in rows:
-                cols = row.split()
-                local, remote, state, inode = cols[1], cols[2], cols[3], cols[9]
-                to_redis = int(remote.split(":")[1], 16) == redis_port
-                if inode in inodes and state == "01" and to_redis:  # 01: ESTABLISHED
-                    ports.add(int(local.split(":")[1], 16))
-    return ports
 
 
 def subscribed_ports(raw: redis.Redis) -> set[int]:

@@ -8,36 +8,10 @@ import sys
 import time
 
 import httpx
-import numpy as np
 import pytest
+from apistack import photo, problem, wait_done
 from PIL import Image
-from stack import ROOT, png_bytes
-
-from ben2q.api.problems import PROBLEM_TYPE
-
-
-def photo(seed: int = 0, size=(64, 48)) -> bytes:
-    rng = np.random.default_rng(seed)
-    return png_bytes(Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8)))
-
-
-def problem(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body = response.json()
-    assert body["status"] == status and body["code"] == code
-    assert body["type"] == PROBLEM_TYPE + code and body["title"] and body["detail"]
-    return body
-
-
-def wait_done(http: httpx.Client, job_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = http.get(f"/v1/jobs/{job_id}").json()
-        if record["state"] in ("succeeded", "partial", "failed", "cancelled"):
-            return record
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not done: {record}")
+from stack import ROOT
 
 
 def test_probes(api_stack):

@@ -11,8 +11,7 @@ import time
 import httpx
 import pytest
 import redis
-from apistack import ApiServer
-from test_api_jobs import photo, problem
+from apistack import ApiServer, photo, problem
 
 from ben2q.keys import WINDOW
 

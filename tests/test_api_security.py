@@ -11,8 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apistack import ApiServer
-from test_api_jobs import photo, problem, wait_done
+from apistack import ApiServer, photo, problem, wait_done
 
 REFUSALS = {403: "forbidden", 422: "invalid_request"}
 

@@ -9,11 +9,11 @@ import time
 import httpx
 import numpy as np
 import pytest
-from apistack import ApiServer
+from apistack import ApiServer, problem, wait_done
+from apistack import photo_image as photo
 from PIL import Image
 from stack import png_bytes
 
-from ben2q.api.problems import PROBLEM_TYPE
 from ben2q.config import Settings
 from ben2q.engine import Engine
 
@@ -46,32 +46,6 @@ def bare_api(api_stack):
     server = ApiServer(env, api_stack.logs / "api-bare.log").start()
     yield server
     server.stop()
-
-
-def photo(seed: int = 0, size=(64, 48)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8))
-
-
-def problem(response: httpx.Response, status: int, code: str, pointer: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body = response.json()
-    assert body["status"] == status and body["code"] == code, body
-    assert body["type"] == PROBLEM_TYPE + code and body["title"] and body["detail"]
-    if pointer is not None:
-        assert pointer in [e["pointer"] for e in body.get("errors", [])], body
-    return body
-
-
-def wait_done(http: httpx.Client, job_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = http.get(f"/v1/jobs/{job_id}").json()
-        if record["state"] in ("succeeded", "partial", "failed", "cancelled"):
-            return record
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not done: {record}")
 
 
 def assert_cutout(data: bytes, src: Image.Image, engine: Engine, fmt: str = "PNG") -> None:

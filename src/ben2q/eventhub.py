@@ -233,13 +233,15 @@ def _hub_connection(pool: Any, retry: Any) -> Any:
     return pool.connection_class(**kwargs)
 
 
-def _backoff() -> EqualJitterBackoff:
-    """Between reconnects of the hub: 0.1 s doubling to 2 s, jittered (as the stores'
-    command retries)."""
+def backoff() -> EqualJitterBackoff:
+    """Between retries of a store's command on ConnectionError/TimeoutError, and between
+    the hub's reconnects: 0.1 s doubling to 2 s, jittered; the stores' default 10 retries
+    wait about 10 s in all, enough for a Redis restart."""
     return EqualJitterBackoff(cap=2.0, base=0.1)
 
 
 def decode(raw: bytes | str) -> JobStatus:
+    """A record from its stored (and published) JSON; ``status.encode`` is the inverse."""
     return JobStatus.model_validate_json(raw)
 
 
@@ -340,7 +342,7 @@ class EventHub:
                 self._drop()
                 failures += 1
                 log.warning("event hub: subscription lost (%s); reconnecting", exc)
-                self._stop.wait(_backoff().compute(failures))
+                self._stop.wait(backoff().compute(failures))
         self._drop()
 
     def _connect(self) -> None:
@@ -528,7 +530,7 @@ class AsyncEventHub:
                 await self._drop()
                 failures += 1
                 log.warning("event hub: subscription lost (%s); reconnecting", exc)
-                await asyncio.sleep(_backoff().compute(failures))
+                await asyncio.sleep(backoff().compute(failures))
 
     async def _connect(self) -> None:
         async with self._send:

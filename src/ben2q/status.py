@@ -32,7 +32,6 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import EqualJitterBackoff
 from redis.exceptions import WatchError
 from redis.retry import Retry
 
@@ -43,6 +42,8 @@ from .eventhub import (
     SUBSCRIBE_TIMEOUT,
     AsyncEventHub,
     EventHub,
+    backoff,
+    decode,
     reread_interval,
 )
 from .jobs import TERMINAL_STATES, JobStatus
@@ -96,10 +97,6 @@ KEYS = Keys()
 def encode(status: JobStatus) -> str:
     """The JSON stored in the record and published on the channel."""
     return status.model_dump_json()
-
-
-def decode(raw: bytes | str) -> JobStatus:
-    return JobStatus.model_validate_json(raw)
 
 
 def cancelled(status: JobStatus, now: float | None = None) -> JobStatus | None:
@@ -229,12 +226,6 @@ _REDIS_OPTIONS: dict[str, Any] = {
 }
 
 
-def _backoff() -> EqualJitterBackoff:
-    """Between retries of a command on ConnectionError/TimeoutError: 0.1 s doubling to 2 s;
-    the default 10 retries wait about 10 s in all, enough for a Redis restart."""
-    return EqualJitterBackoff(cap=2.0, base=0.1)
-
-
 _CREATE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   redis.call('PUBLISH', KEYS[2], ARGV[1])
@@ -266,7 +257,7 @@ class StatusStore:
         self.ttl = ttl
         self.keys = keys
         self.reread = reread
-        retry = Retry(_backoff(), retries)
+        retry = Retry(backoff(), retries)
         self.redis: redis.Redis = redis.Redis.from_url(redis_url, retry=retry, **_REDIS_OPTIONS)
         self._create = self.redis.register_script(_CREATE)
         self._hub: EventHub | None = None
@@ -438,7 +429,7 @@ class AsyncStatusStore:
         self.keys = keys
         self.reread = reread
         self._hub: AsyncEventHub | None = None
-        retry = AsyncRetry(_backoff(), retries)
+        retry = AsyncRetry(backoff(), retries)
         if max_connections is None:
             self.redis: aredis.Redis = aredis.Redis.from_url(
                 redis_url, retry=retry, **_REDIS_OPTIONS

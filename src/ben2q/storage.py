@@ -354,15 +354,20 @@ class Storage:
             options["response_checksum_validation"] = "when_required"
         return session.client("s3", endpoint_url=endpoint_url, config=Config(**options))
 
-    def _s3_read(self, uri: str) -> bytes:
+    def _s3_get(self, uri: str) -> dict[str, Any]:
+        """``get_object`` of an input, its errors translated (the body is not read)."""
         bucket, key = _split_s3(uri, "input")
-        limit = self.settings.max_image_bytes
         try:
             response = self._s3().get_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             raise _s3_read_error(uri, exc) from exc
         except BotoCoreError as exc:
             raise _s3_transport_error(uri, exc, "input") from exc
+        return response
+
+    def _s3_read(self, uri: str) -> bytes:
+        limit = self.settings.max_image_bytes
+        response = self._s3_get(uri)
         body = response["Body"]
         try:
             length = response.get("ContentLength")
@@ -422,13 +427,7 @@ class Storage:
         return True
 
     def _s3_open(self, uri: str) -> Reader:
-        bucket, key = _split_s3(uri, "input")
-        try:
-            response = self._s3().get_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            raise _s3_read_error(uri, exc) from exc
-        except BotoCoreError as exc:
-            raise _s3_transport_error(uri, exc, "input") from exc
+        response = self._s3_get(uri)
         body = response["Body"]
 
         def read(n: int) -> bytes:

@@ -8,7 +8,7 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from .problems import Problem, pointer
+from .problems import Problem, invalid_fields, pointer
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -49,8 +49,7 @@ def validation_problem(exc: ValidationError, prefix: tuple = ()) -> Problem:
         if err.get("type") == "json_invalid":
             message = f"not valid JSON: {err.get('ctx', {}).get('error', message)}"
         errors.append({"pointer": pointer(loc) if loc else "/", "detail": message})
-    detail = "; ".join(f"{e['pointer']}: {e['detail']}" for e in errors[:5])
-    return Problem(422, "invalid_request", detail or "invalid request", errors=errors)
+    return invalid_fields(errors)
 
 
 async def read_json(request: Request, model: type[M], limit: int) -> M:

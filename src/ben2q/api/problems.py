@@ -102,12 +102,17 @@ class Problem(Exception):
         )
 
     @classmethod
-    def of(cls, exc: BEN2QError, *, status: int | None = None) -> Problem:
-        """The problem for one of our errors (``InvalidRequest`` names its field)."""
+    def of(cls, exc: BEN2QError, *, status: int | None = None, field: str | None = None) -> Problem:
+        """The problem for one of our errors, naming its field: ``InvalidRequest``'s own,
+        or ``field`` for an error about a request field that does not know it."""
+        status = status or STATUS_OF.get(exc.code, 500)
+        if field is not None:
+            errors = [{"pointer": pointer(field), "detail": exc.message}]
+            return cls(status, exc.code, f"{field}: {exc.message}", errors=errors)
         field = getattr(exc, "field", None)
         short = exc.message.removeprefix(f"{field}: ") if field else exc.message
         errors = [{"pointer": pointer(field), "detail": short}] if field else None
-        return cls(status or STATUS_OF.get(exc.code, 500), exc.code, exc.message, errors=errors)
+        return cls(status, exc.code, exc.message, errors=errors)
 
 
 def invalid(field: str, message: str) -> Problem:
@@ -139,6 +144,11 @@ def _validation_problem(exc: RequestValidationError) -> Problem:
         if where in ("query", "header", "path"):
             name = f"{where}:{rest[0] if rest else ''}"
         errors.append({"pointer": name, "detail": str(err.get("msg", "invalid"))})
+    return invalid_fields(errors)
+
+
+def invalid_fields(errors: list[dict[str, str]]) -> Problem:
+    """422 ``invalid_request`` for several bad fields (``{"pointer", "detail"}`` each)."""
     detail = "; ".join(f"{e['pointer']}: {e['detail']}" for e in errors[:5])
     return Problem(422, "invalid_request", detail or "invalid request", errors=errors)
 

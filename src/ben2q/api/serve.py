@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from ..config import Settings
+from .problems import Problem
 
 MAX_HEAD_BYTES = 64 * 1024
 """Request line and headers of one request, at most."""
@@ -28,19 +29,13 @@ except ImportError:  # no httptools: uvicorn uses h11, bounded by h11_max_incomp
 
 
 def _problem_bytes(status: int, code: str, detail: str) -> bytes:
-    body = json.dumps(
-        {
-            "type": f"tag:ben2q.dev,2026:problem/{code}",
-            "title": "Request Header Fields Too Large" if status == 431 else "Bad Request",
-            "status": status,
-            "detail": detail,
-            "code": code,
-        }
-    ).encode()
-    reason = b"Request Header Fields Too Large" if status == 431 else b"Bad Request"
+    """A whole HTTP answer carrying a problem document, written by the protocol itself
+    (before any request reaches the app)."""
+    problem = Problem(status, code, detail)
+    body = json.dumps(problem.body()).encode()
     return b"".join(
         [
-            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            b"HTTP/1.1 %d %s\r\n" % (status, problem.title.encode()),
             b"content-type: application/problem+json\r\n",
             b"content-length: %d\r\n" % len(body),
             b"connection: close\r\n\r\n",

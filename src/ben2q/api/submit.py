@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from fastapi import Request
 
-from ..errors import FetchError, ForbiddenURL, InvalidRequest
+from ..errors import FetchError, InvalidRequest
 from ..fetch import resolve_and_check
 from ..jobs import JobRequest, JobStatus, make_request
 from ..keys import ApiKey, check_input, resolve_output
@@ -31,43 +31,20 @@ async def guard_host(svc: Services, url: str, field: str) -> None:
     deployment allows them), as the fetcher will again at the worker."""
     if svc.settings.allow_private_urls:
         return
-    where = "/" + field.replace("[", "/").rstrip("]")
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:  # a bad port or bracketed host: refuse, never a 500
-        raise Problem(
-            422,
-            "invalid_request",
-            f"{field}: malformed URL: {exc}",
-            errors=[{"pointer": where, "detail": f"malformed URL: {exc}"}],
-        ) from exc
+        raise InvalidRequest(field, f"malformed URL: {exc}") from exc
     if not host:
-        raise Problem(
-            422,
-            "invalid_request",
-            f"{field}: the URL names no host",
-            errors=[{"pointer": where, "detail": "the URL names no host"}],
-        )
+        raise InvalidRequest(field, "the URL names no host")
     try:
         await asyncio.to_thread(
             resolve_and_check, host, port, allow_private=False, timeout=DNS_TIMEOUT
         )
-    except ForbiddenURL as exc:
-        raise Problem(
-            422,
-            exc.code,
-            f"{field}: {exc.message}",
-            errors=[{"pointer": where, "detail": exc.message}],
-        ) from exc
-    except FetchError as exc:
-        raise Problem(
-            422,
-            "fetch_failed",
-            f"{field}: {exc.message}",
-            errors=[{"pointer": where, "detail": exc.message}],
-        ) from exc
+    except FetchError as exc:  # ForbiddenURL too: 422 with its own code, naming the field
+        raise Problem.of(exc, field=field) from exc
 
 
 async def queue_length(svc: Services) -> int:
@@ -154,10 +131,11 @@ async def enqueue(svc: Services, key: ApiKey, job: JobRequest) -> JobStatus:
     return JobStatus.queued(job)
 
 
-async def owned(svc: Services, key: ApiKey, job_id: str) -> JobStatus:
-    """The record of ``job_id`` if ``key`` made it; 404 otherwise (ids are not probeable)."""
+async def owned(svc: Services, tenant: str, job_id: str) -> JobStatus:
+    """The record of ``job_id`` if the key ``tenant`` (its id) made it; 404 otherwise (ids
+    are not probeable)."""
     status = await svc.store.get(job_id) if plausible(job_id) else None
-    if status is None or status.tenant != key.id:
+    if status is None or status.tenant != tenant:
         raise Problem(404, "not_found", f"no job {job_id!r}")
     return status
 

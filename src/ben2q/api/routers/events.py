@@ -22,9 +22,10 @@ in Redis only as a hash, so the API key itself never goes into a URL.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated
 
 import redis
@@ -34,6 +35,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from ...errors import NotFound
+from ...jobs import JobStatus
 from ...keys import ApiKey
 from ...status import event_id, event_order, parse_event_id
 from ..deps import KeyDep, ServicesDep, authenticated, bearer
@@ -86,14 +88,18 @@ async def stream_key(
 
 
 async def _stream(
-    svc: Services, job_id: str, after: tuple[int, int, int, int] | None
+    job_id: str,
+    events: AsyncGenerator[JobStatus, None],
+    first: JobStatus,
+    after: tuple[int, int, int, int] | None,
 ) -> AsyncIterator[ServerSentEvent]:
-    events = svc.store.events(job_id)
+    """``first`` (the record the route checked), then ``events``' updates, as SSE."""
     try:
-        async for status in events:
-            if after is not None and event_order(status) <= after:
-                continue  # the client has this one (or a newer one) already
-            yield ServerSentEvent(status.model_dump_json(), event="status", id=event_id(status))
+        status: JobStatus | None = first
+        while status is not None:
+            if after is None or event_order(status) > after:  # else the client has it
+                yield ServerSentEvent(status.model_dump_json(), event="status", id=event_id(status))
+            status = await anext(events, None)
     except NotFound:  # the record expired while the stream was open
         problem = Problem(404, "not_found", f"no job {job_id!r} (expired)")
         yield ServerSentEvent(_json(problem), event="error")
@@ -105,8 +111,6 @@ async def _stream(
 
 
 def _json(problem: Problem) -> str:
-    import json
-
     return json.dumps(problem.body(), separators=(",", ":"))
 
 
@@ -134,11 +138,28 @@ async def job_events(
     resume: updates not newer than it are skipped (the stream carries the latest state,
     not a history). Authenticate with the key, or with `?ticket=` from
     `POST /v1/jobs/{id}/events/ticket` (for browsers' EventSource)."""
-    status = await svc.store.get(job_id) if plausible(job_id) else None
-    if status is None or status.tenant != key_id:  # 404 for unknown and other keys' jobs
-        raise Problem(404, "not_found", f"no job {job_id!r}")
+    missing = Problem(404, "not_found", f"no job {job_id!r}")
+    if not plausible(job_id):
+        raise missing
+    # The stream's own first read (made once its subscription is live) is the record the
+    # tenant check needs: no second read per stream opened.
+    events = svc.store.events(job_id)
+    try:
+        first = await anext(events)
+    except NotFound:
+        await events.aclose()
+        raise missing from None
+    except TimeoutError as exc:  # Redis did not confirm the subscription in time
+        await events.aclose()
+        raise redis.TimeoutError(str(exc)) from exc  # answered 503 like every Redis error
+    except BaseException:
+        await events.aclose()
+        raise
+    if first.tenant != key_id:  # 404 for other keys' jobs too: ids are not probeable
+        await events.aclose()
+        raise missing
     return EventSourceResponse(
-        _stream(svc, job_id, parse_event_id(last_event_id)),
+        _stream(job_id, events, first, parse_event_id(last_event_id)),
         ping=svc.settings.api_sse_keepalive,
         # No per-send timeout: it costs a timer per event (a tenth of the CPU of a burst of
         # 5,000 streams' events); a stalled client's sends wait on its own socket only, and
@@ -161,7 +182,7 @@ async def job_events(
 async def events_ticket(job_id: str, svc: ServicesDep, key: KeyDep) -> EventTicket:
     """A ticket URL for this job's event stream, for `new EventSource(url)` (which cannot
     send headers); valid 5 minutes, reconnects included."""
-    await owned(svc, key, job_id)
+    await owned(svc, key.id, job_id)
     ticket = secrets.token_urlsafe(32)
     await svc.redis.set(_ticket_key(svc, job_id, ticket), key.id, ex=TICKET_TTL)
     return EventTicket(

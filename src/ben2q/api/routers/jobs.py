@@ -98,7 +98,7 @@ async def create_job(
             replay = idem.stored.response()
             if replay is not None:
                 return replay
-            return _answer(await owned(svc, key, idem.stored.job_id), 202)
+            return _answer(await owned(svc, key.id, idem.stored.job_id), 202)
         if media_type(request) == "multipart/form-data":
             from ..uploads import receive  # noqa: PLC0415 - the upload path's own module
 
@@ -205,5 +205,5 @@ async def get_job(job_id: str, svc: ServicesDep, key: KeyDep) -> Response:
 async def cancel_job(job_id: str, svc: ServicesDep, key: KeyDep) -> JobStatus:
     """Cancel a queued job now, or flag a running one (its worker stops at the next item);
     a finished job is answered unchanged."""
-    await owned(svc, key, job_id)
+    await owned(svc, key.id, job_id)
     return await svc.client.cancel(job_id)

@@ -86,7 +86,7 @@ def item_of(status: JobStatus, index: int) -> ItemStatus:
 async def serve(
     svc: Services, key: ApiKey, job_id: str, index: int, which: Literal["output", "mask"]
 ) -> Response:
-    status = await owned(svc, key, job_id)
+    status = await owned(svc, key.id, job_id)
     item = item_of(status, index)
     uri = item.output if which == "output" else item.mask
     if uri is None:

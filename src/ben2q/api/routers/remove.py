@@ -148,7 +148,7 @@ async def remove(
     }
     async with idempotency.claim(request, svc, key) as idem:
         if idem is not None and idem.stored is not None:  # a retry: the same job's answer
-            job_id = (await owned(svc, key, idem.stored.job_id)).id
+            job_id = (await owned(svc, key.id, idem.stored.job_id)).id
         else:
             kind = media_type(request)
             if kind == "multipart/form-data":
