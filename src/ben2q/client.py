@@ -7,7 +7,7 @@ Flow of ``submit``/``submit_batch``:
 
 1. the request is validated (``jobs.make_request``) before anything touches Redis: a bad
    field raises ``InvalidRequest`` (a ``ValueError``) whose ``.field`` names it (``input``,
-   ``inputs``, ``inputs[3]``, ``output``, ``format``, ``refine``, ``mask``);
+   ``inputs``, ``inputs[3]``, ``output``, ``format``, ``background``, ``crop_margin``...);
 2. the job record is created in state ``queued`` (``status.StatusStore.create``), so the
    job exists for ``get``/``wait`` before any worker can see it;
 3. the task (``ben2q.remove`` for one input, ``ben2q.batch`` for a batch job) is sent with
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from .broker import TASK_BATCH, TASK_REMOVE, celery_config
 from .config import Settings, get_settings
 from .errors import NotFound
-from .jobs import ErrorInfo, JobKind, JobRequest, JobStatus, make_request
+from .jobs import ErrorInfo, JobKind, JobRequest, JobStatus, OutputOptions, make_request
 from .status import AsyncStatusStore, StatusStore
 
 if TYPE_CHECKING:
@@ -75,6 +75,9 @@ class BaseClient:
         **options: Any,
     ) -> JobRequest:
         local_root = self.settings.local_root
+        for name in ("refine", "format", "mask"):  # unset: the default, or ``options``'s
+            if name in options and options[name] is None:
+                del options[name]
         return make_request(
             kind,
             inputs,
@@ -159,13 +162,19 @@ class Client(BaseClient):
         input: str,
         output: str,
         *,
-        refine: bool = False,
-        format: str = "png",
-        mask: bool = False,
+        refine: bool | None = None,
+        format: str | None = None,
+        mask: bool | None = None,
         webhook_url: str | None = None,
         webhook_events: Sequence[str] = ("final",),
+        options: OutputOptions | None = None,
+        **fields: Any,
     ) -> Job:
-        """Enqueue one image; its result goes under ``output`` (``s3://`` or ``file://``)."""
+        """Enqueue one image; its result goes under ``output`` (``s3://`` or ``file://``).
+
+        Output options (``ben2q.jobs.OutputOptions``) come as keywords
+        (``background="white", format="jpeg", crop=True, max_side=1000``...) or as one
+        ``options`` model; a bad one raises ``InvalidRequest`` naming it."""
         request = self._request(
             "single",
             [input],
@@ -175,6 +184,8 @@ class Client(BaseClient):
             mask=mask,
             webhook_url=webhook_url,
             webhook_events=webhook_events,
+            options=options,
+            **fields,
         )
         return self.enqueue(request)
 
@@ -183,11 +194,13 @@ class Client(BaseClient):
         inputs: Sequence[str],
         output: str,
         *,
-        refine: bool = False,
-        format: str = "png",
-        mask: bool = False,
+        refine: bool | None = None,
+        format: str | None = None,
+        mask: bool | None = None,
         webhook_url: str | None = None,
         webhook_events: Sequence[str] = ("final",),
+        options: OutputOptions | None = None,
+        **fields: Any,
     ) -> Job:
         """Enqueue many images as one job (at most ``settings.max_batch_items``)."""
         request = self._request(
@@ -199,6 +212,8 @@ class Client(BaseClient):
             mask=mask,
             webhook_url=webhook_url,
             webhook_events=webhook_events,
+            options=options,
+            **fields,
         )
         return self.enqueue(request)
 
@@ -282,11 +297,13 @@ class AsyncClient(BaseClient):
         input: str,
         output: str,
         *,
-        refine: bool = False,
-        format: str = "png",
-        mask: bool = False,
+        refine: bool | None = None,
+        format: str | None = None,
+        mask: bool | None = None,
         webhook_url: str | None = None,
         webhook_events: Sequence[str] = ("final",),
+        options: OutputOptions | None = None,
+        **fields: Any,
     ) -> Job:
         request = self._request(
             "single",
@@ -297,6 +314,8 @@ class AsyncClient(BaseClient):
             mask=mask,
             webhook_url=webhook_url,
             webhook_events=webhook_events,
+            options=options,
+            **fields,
         )
         return await self.enqueue(request)
 
@@ -305,11 +324,13 @@ class AsyncClient(BaseClient):
         inputs: Sequence[str],
         output: str,
         *,
-        refine: bool = False,
-        format: str = "png",
-        mask: bool = False,
+        refine: bool | None = None,
+        format: str | None = None,
+        mask: bool | None = None,
         webhook_url: str | None = None,
         webhook_events: Sequence[str] = ("final",),
+        options: OutputOptions | None = None,
+        **fields: Any,
     ) -> Job:
         request = self._request(
             "batch",
@@ -320,6 +341,8 @@ class AsyncClient(BaseClient):
             mask=mask,
             webhook_url=webhook_url,
             webhook_events=webhook_events,
+            options=options,
+            **fields,
         )
         return await self.enqueue(request)
 

@@ -20,20 +20,29 @@ from pathlib import PurePosixPath
 from typing import Literal
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidRequest
 
 JobKind = Literal["single", "batch"]
 JobState = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
 ItemState = Literal["pending", "running", "succeeded", "failed", "cancelled"]
-OutputFormat = Literal["png", "webp"]
+OutputFormat = Literal["png", "webp", "jpeg", "auto"]
+Encoding = Literal["png", "webp", "jpeg"]
+Channels = Literal["rgba", "alpha"]
 WebhookEvent = Literal["final", "progress"]
 
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "partial", "failed", "cancelled"})
 INPUT_SCHEMES = ("s3", "http", "https", "file")
 OUTPUT_SCHEMES = ("s3", "file")
-CONTENT_TYPES = {"png": "image/png", "webp": "image/webp"}
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+MAX_SIDE = 16384
+"""The largest ``max_side`` (and the side any output may have: WebP's own limit)."""
+MAX_MARGIN_PX = 10_000
+MAX_MARGIN_PERCENT = 100.0
+TRANSPARENT = ("none", "transparent")
+"""``background`` values that mean no background (as leaving it out does)."""
 
 
 class ErrorInfo(BaseModel):
@@ -43,17 +52,217 @@ class ErrorInfo(BaseModel):
     message: str
 
 
-class JobOptions(BaseModel):
-    """What to produce for every input of a job."""
+class OutputOptions(BaseModel):
+    """What the output of each input looks like: the one rendering step (``ben2q.render``)
+    applies these after the engine, identically for the library, the CLI, queue jobs and
+    the HTTP API. Order: matte clean-up (``mask_smooth``, then ``mask_threshold``) →
+    subject box → ``crop`` (+ ``crop_margin``) → ``max_side``/``scale`` → ``background``
+    → ``channels`` → encode (``format``, ``quality``). Every default leaves BEN2's output as
+    it is: a transparent RGBA PNG of the input's size."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    format: OutputFormat = "png"
+    """``png`` (default), ``webp`` (lossless unless ``quality``), ``jpeg`` (alias ``jpg``;
+    needs an opaque ``background``), or ``auto``: JPEG when the output is opaque, else PNG."""
+    quality: int | None = Field(None, ge=1, le=100)
+    """Lossy quality 1-100: JPEG (default 90) or lossy WebP (unset: lossless WebP)."""
+    background: str | None = Field(None, max_length=4096)
+    """Unset, ``none`` or ``transparent``: a transparent background. A colour (``#RRGGBB``,
+    ``#RRGGBBAA``, ``#RGB``, ``rgb()``, CSS names such as ``white``). Or an image's URI
+    (``s3://``, ``http(s)://``, ``file://``), fetched like an input and scaled to cover
+    the output, centred."""
+    channels: Channels = "rgba"
+    """``rgba`` (default): the cut-out. ``alpha``: the matte alone, 8-bit grayscale."""
+    crop: bool = False
+    """Trim the output to the subject's box (pixels with alpha >= 8 of 255)."""
+    crop_margin: int | str = "0px"
+    """Margin around the cropped subject: pixels (``20`` or ``20px``) or a percentage of
+    the subject box's size on each axis (``5%``); at most 10000 px or 100 %. Space beyond
+    the image is transparent (or the background)."""
+    max_side: int | None = Field(None, ge=1, le=MAX_SIDE)
+    """Shrink the output (Lanczos, keeping its aspect) so its longest side is at most this;
+    a smaller output is left as it is."""
+    scale: float | None = Field(None, gt=0.0, le=4.0)
+    """Resize the output by this factor (Lanczos), at most 4; not with ``max_side``."""
+    mask_threshold: int | None = Field(None, ge=1, le=255)
+    """Make the matte binary: alpha >= this becomes 255, the rest 0. Off by default (BEN2's
+    soft edges are its strength)."""
+    mask_smooth: bool = False
+    """Clear specks and fill pinholes of the matte (see the README, "Output options")."""
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format_alias(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return "jpeg" if value == "jpg" else value
+        return value
+
+    @field_validator("background", mode="before")
+    @classmethod
+    def _background(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.lower() in TRANSPARENT or not value:
+                return None
+            if "://" in value:
+                return validate_input(value, "background", check_local_root=False)
+            parse_color(value)
+        return value
+
+    @field_validator("crop_margin", mode="before")
+    @classmethod
+    def _margin(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("a number of pixels or a percentage, not true/false")
+        if isinstance(value, int | float | str):
+            amount, percent = parse_margin(value)
+            return f"{amount:g}%" if percent else f"{amount:g}px"
+        return value
+
+    @model_validator(mode="after")
+    def _combination(self) -> OutputOptions:
+        if self.channels == "alpha":
+            if self.background is not None:
+                raise InvalidRequest(
+                    "background", "channels=alpha writes the matte alone: leave out background"
+                )
+            if self.format == "jpeg":
+                raise InvalidRequest(
+                    "format", "channels=alpha is written losslessly: use png, webp or auto"
+                )
+            if self.quality is not None:
+                raise InvalidRequest(
+                    "quality", "channels=alpha is written losslessly: leave out quality"
+                )
+        if self.format == "jpeg" and not self.opaque:
+            raise InvalidRequest(
+                "format",
+                "jpeg has no transparency: give an opaque background (e.g. background=white) "
+                "or use png, webp or auto",
+            )
+        if self.format == "png" and self.quality is not None:
+            raise InvalidRequest("quality", "applies to jpeg and webp, not png (lossless)")
+        if self.max_side is not None and self.scale is not None:
+            raise InvalidRequest("scale", "give max_side or scale, not both")
+        if not self.crop and self.margin[0] > 0:
+            raise InvalidRequest("crop_margin", "needs crop=true")
+        return self
+
+    # --- derived (what the renderer reads) ------------------------------------------------
+
+    @property
+    def background_uri(self) -> str | None:
+        """The background image's URI, if the background is an image."""
+        return self.background if self.background and "://" in self.background else None
+
+    @property
+    def background_color(self) -> tuple[int, int, int, int] | None:
+        """The background colour as RGBA, if the background is a colour."""
+        if self.background is None or self.background_uri is not None:
+            return None
+        return parse_color(self.background)
+
+    @property
+    def opaque(self) -> bool:
+        """Whether every output pixel is opaque (an image, or a colour without alpha)."""
+        if self.channels == "alpha" or self.background is None:
+            return False
+        color = self.background_color
+        return color is None or color[3] == 255
+
+    @property
+    def encoding(self) -> Encoding:
+        """The format written: ``auto`` resolved (JPEG when opaque, else PNG)."""
+        if self.format == "auto":
+            return "jpeg" if self.opaque else "png"
+        return self.format
+
+    @property
+    def margin(self) -> tuple[float, bool]:
+        """``crop_margin`` as (amount, is a percentage)."""
+        return parse_margin(self.crop_margin)
+
+
+class JobOptions(OutputOptions):
+    """What to produce for every input of a job: the output options, plus the engine's
+    ``refine`` and the extra ``mask`` file."""
+
     refine: bool = False
     """Estimate foreground colours (blur fusion) instead of keeping the input's."""
-    format: OutputFormat = "png"
-    """``png`` or lossless ``webp``; RGBA either way."""
     mask: bool = False
-    """Also write the alpha as an 8-bit grayscale PNG."""
+    """Also write the output's matte (after clean-up, crop and resize) as a grayscale PNG."""
+
+
+OPTION_NAMES: frozenset[str] = frozenset(JobOptions.model_fields)
+
+
+def parse_color(text: str) -> tuple[int, int, int, int]:
+    """A CSS colour (``#RRGGBB``, ``#RRGGBBAA``, ``#RGB``, ``rgb()``, ``hsl()``, names) as
+    RGBA; ``ValueError`` naming what is wrong."""
+    from PIL import ImageColor
+
+    try:
+        rgb = ImageColor.getrgb(text)
+    except ValueError as exc:
+        raise ValueError(
+            f"unknown colour {text[:40]!r}: use #RRGGBB, #RRGGBBAA, rgb(r, g, b) or a CSS "
+            "colour name, or an image URI (s3://, http(s)://, file://)"
+        ) from exc
+    return (*rgb, 255) if len(rgb) == 3 else tuple(rgb)  # type: ignore[return-value]
+
+
+_MARGIN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(px|%)?\s*$", re.IGNORECASE)
+
+
+def parse_margin(value: object) -> tuple[float, bool]:
+    """``20``, ``"20px"`` or ``"5%"`` as (amount, is a percentage); ``ValueError`` if bad."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        amount, percent = float(value), False
+    else:
+        match = _MARGIN.match(str(value))
+        if match is None:
+            if str(value).strip().startswith("-"):
+                raise ValueError("must not be negative")
+            raise ValueError(f"{str(value)[:40]!r} is not a margin: use 20, 20px or 5%")
+        amount, percent = float(match.group(1)), match.group(2) == "%"
+    if amount < 0:
+        raise ValueError("must not be negative")
+    if percent and amount > MAX_MARGIN_PERCENT:
+        raise ValueError(f"at most {MAX_MARGIN_PERCENT:g}%")
+    if not percent and (amount > MAX_MARGIN_PX or amount != int(amount)):
+        raise ValueError(f"a whole number of pixels, at most {MAX_MARGIN_PX}")
+    return amount, percent
+
+
+def job_options(options: object = None, /, **fields: object) -> JobOptions:
+    """``JobOptions`` from a mapping or keyword fields (or an ``OutputOptions``, widened);
+    ``InvalidRequest`` naming the first bad field."""
+    data: dict[str, object] = {}
+    if isinstance(options, BaseModel):
+        data.update(options.model_dump(exclude_unset=True))
+    elif options is not None:
+        data.update(options)  # type: ignore[call-overload]
+    data.update(fields)
+    unknown = sorted(set(data) - OPTION_NAMES)
+    if unknown:
+        raise InvalidRequest(unknown[0], f"unknown option; options are {sorted(OPTION_NAMES)}")
+    try:
+        return JobOptions.model_validate(data)
+    except ValidationError as exc:
+        raise request_error(exc) from exc
+
+
+def request_error(exc: ValidationError) -> InvalidRequest:
+    """The first error of a validation as ``InvalidRequest`` naming its field."""
+    err = exc.errors(include_url=False)[0]
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, InvalidRequest):
+        return cause
+    loc = err.get("loc") or ("options",)
+    message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    return InvalidRequest(str(loc[0]), message)
 
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
@@ -80,6 +289,17 @@ class JobRequest(BaseModel):
     """When the job's outputs (and uploads) expire under the API's retention; None: kept."""
 
 
+class Box(BaseModel):
+    """A rectangle in output pixels: the subject's bounding box."""
+
+    model_config = ConfigDict(frozen=True)
+
+    left: int
+    top: int
+    width: int
+    height: int
+
+
 class ItemStatus(BaseModel):
     """One input of a job and what became of it."""
 
@@ -89,7 +309,16 @@ class ItemStatus(BaseModel):
     output: str | None = None
     mask: str | None = None
     width: int | None = None
+    """The output's width in pixels (after crop and resize)."""
     height: int | None = None
+    format: Encoding | None = None
+    """The output's format (``auto`` resolved)."""
+    bytes: int | None = None
+    """The output's size in bytes."""
+    subject: bool | None = None
+    """Whether the matte has a subject (any pixel with alpha >= 8); False: empty."""
+    box: Box | None = None
+    """The subject's bounding box in output pixels (None when there is no subject)."""
     error: ErrorInfo | None = None
     duration_ms: float | None = None
     batch_size: int | None = None
@@ -208,7 +437,7 @@ def _split(uri: str, field: str) -> SplitResult:
     return parts
 
 
-def _check_file_uri(uri: str, field: str, local_root: str | None) -> None:
+def _check_file_uri(uri: str, field: str, local_root: str | None, need_root: bool = True) -> None:
     parts = urlsplit(uri)
     if parts.netloc not in ("", "localhost"):
         raise InvalidRequest(field, f"file:// URIs name no host, got {parts.netloc!r}")
@@ -218,6 +447,8 @@ def _check_file_uri(uri: str, field: str, local_root: str | None) -> None:
     if ".." in PurePosixPath(path).parts:
         raise InvalidRequest(field, "'..' is not allowed in file:// paths")
     if local_root is None:
+        if not need_root:
+            return
         raise InvalidRequest(field, "file:// needs a local root (BEN2Q_LOCAL_ROOT)")
     root = posixpath.normpath(str(local_root))
     if posixpath.commonpath([root, posixpath.normpath(path)]) != root:
@@ -235,8 +466,11 @@ def _check_s3_uri(uri: str, field: str, *, need_key: bool) -> None:
         raise InvalidRequest(field, "'..' is not allowed in S3 keys")
 
 
-def validate_input(uri: object, field: str, *, local_root: str | None = None) -> str:
-    """Check one input URI's form (not its existence); return it."""
+def validate_input(
+    uri: object, field: str, *, local_root: str | None = None, check_local_root: bool = True
+) -> str:
+    """Check one input URI's form (not its existence); return it. ``check_local_root=False``
+    checks a ``file://`` URI's form only (where the local root is not known yet)."""
     if not isinstance(uri, str) or not uri.strip():
         raise InvalidRequest(field, "must be a non-empty string URI")
     if len(uri) > 4096:
@@ -250,7 +484,7 @@ def validate_input(uri: object, field: str, *, local_root: str | None = None) ->
     if scheme == "s3":
         _check_s3_uri(uri, field, need_key=True)
     elif scheme == "file":
-        _check_file_uri(uri, field, local_root)
+        _check_file_uri(uri, field, local_root, check_local_root)
     elif not urlsplit(uri).hostname:
         raise InvalidRequest(field, "URL has no host")
     return uri
@@ -278,9 +512,7 @@ def make_request(
     inputs: Sequence[str],
     output: str,
     *,
-    refine: object = False,
-    format: object = "png",
-    mask: object = False,
+    options: object = None,
     webhook_url: object = None,
     webhook_events: object = ("final",),
     max_items: int = 1000,
@@ -288,8 +520,12 @@ def make_request(
     job_id: str | None = None,
     tenant: str | None = None,
     expires_at: float | None = None,
+    **fields: object,
 ) -> JobRequest:
-    """Validate a submission and build its ``JobRequest``; ``InvalidRequest`` names the field."""
+    """Validate a submission and build its ``JobRequest``; ``InvalidRequest`` names the field.
+
+    The job's options come as ``options`` (a ``JobOptions``/``OutputOptions`` or a mapping)
+    and/or as keyword fields (``refine=True, format="jpeg", background="white"``...)."""
     field = "input" if kind == "single" else "inputs"
     if job_id is not None and not re.fullmatch(JOB_ID_PATTERN, str(job_id)):
         raise InvalidRequest("job_id", "must be letters, digits, '_' or '-' (one path segment)")
@@ -305,18 +541,19 @@ def make_request(
         validate_input(uri, field if kind == "single" else f"inputs[{i}]", local_root=local_root)
         for i, uri in enumerate(inputs)
     ]
-    for name, value in (("refine", refine), ("mask", mask)):
-        if not isinstance(value, bool):
-            raise InvalidRequest(name, f"must be true or false, got {value!r}")
-    if not isinstance(format, str) or format not in CONTENT_TYPES:
-        raise InvalidRequest("format", f"must be one of {sorted(CONTENT_TYPES)}, got {format!r}")
+    for name in ("refine", "mask", "crop", "mask_smooth"):
+        if name in fields and not isinstance(fields[name], bool):
+            raise InvalidRequest(name, f"must be true or false, got {fields[name]!r}")
+    opts = job_options(options, **fields)
+    if opts.background_uri is not None:
+        validate_input(opts.background_uri, "background", local_root=local_root)
     events = _check_webhook(webhook_url, webhook_events)
     return JobRequest(
         id=job_id or new_job_id(),
         kind=kind,
         inputs=checked,
         output=validate_output(output, local_root=local_root),
-        options=JobOptions(refine=refine, format=format, mask=mask),  # type: ignore[arg-type]
+        options=opts,
         submitted_at=time.time(),
         webhook_url=webhook_url,  # type: ignore[arg-type]
         webhook_events=events,
@@ -356,7 +593,7 @@ def _safe_stem(uri: str) -> str:
 
 def output_uri(request: JobRequest, index: int) -> str:
     """Where item ``index``'s RGBA output goes (deterministic, see the module docstring)."""
-    ext = request.options.format
+    ext = EXTENSIONS[request.options.encoding]
     return f"{request.output}{request.id}/{index:04d}-{_safe_stem(request.inputs[index])}.{ext}"
 
 

@@ -14,8 +14,9 @@ done are not done again (their outputs sit at deterministic keys).
 
 from __future__ import annotations
 
-import io
+import copy
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,9 +30,10 @@ from .config import Settings
 from .engine import Engine, Prediction, is_out_of_memory
 from .errors import BEN2QError, DeviceUnavailable, ImageTooLarge, JobTimeout, StorageError
 from .imageio import decode_image
-from .jobs import CONTENT_TYPES, ErrorInfo, JobRequest, JobStatus, mask_uri, output_uri
+from .jobs import ErrorInfo, JobRequest, JobStatus, mask_uri, output_uri
 from .metrics import MetricsRecorder
 from .png import encode_png
+from .render import encode_matte, render
 from .status import StatusStore
 from .storage import Storage
 
@@ -70,19 +72,43 @@ class _Item:
     started: float = 0.0
 
 
-def encode_output(prediction: Prediction, fmt: str) -> bytes:
-    """RGBA PNG (ben2q.png: fast, multi-threaded deflate) or lossless WebP."""
-    if fmt != "webp":
-        return encode_png(prediction.rgb, alpha=prediction.alpha)  # no RGBA copy first
-    buf = io.BytesIO()
-    # exact: keep the colours under transparent pixels (libwebp would drop them)
-    prediction.to_image().save(buf, format="WEBP", lossless=True, exact=True, quality=50, method=2)
-    return buf.getvalue()
+class Backgrounds:
+    """Background images of one run, each fetched and decoded once however many items use
+    it (a batch of 1,000 product photos on one backdrop reads the backdrop once)."""
+
+    def __init__(self, storage: Storage, settings: Settings) -> None:
+        self.storage, self.settings = storage, settings
+        self._lock = threading.Lock()
+        self._entries: dict[str, Future] = {}
+
+    def get(self, uri: str) -> Image.Image:
+        """The decoded background; its fetch error (message prefixed) if it has none."""
+        with self._lock:
+            future = self._entries.get(uri)
+            owner = future is None
+            if owner:
+                future = self._entries[uri] = Future()
+        if owner:
+            try:
+                data = self.storage.read(uri)
+                future.set_result(decode_image(data, settings=self.settings))
+            except BaseException as exc:
+                future.set_exception(exc)
+                if getattr(exc, "transient", False) or isinstance(exc, StorageError):
+                    with self._lock:  # a retry may succeed: do not keep the failure
+                        self._entries.pop(uri, None)
+        try:
+            return future.result()
+        except BEN2QError as exc:
+            raise _about_background(exc) from exc
 
 
-def encode_mask(alpha: np.ndarray) -> bytes:
-    """The alpha matte as an 8-bit greyscale PNG."""
-    return encode_png(alpha)
+def _about_background(exc: BEN2QError) -> BEN2QError:
+    """``exc`` (same class and code) with a message saying it was the background."""
+    twin = copy.copy(exc)
+    twin.message = f"background: {exc.message}"
+    twin.args = (twin.message,)
+    return twin
 
 
 class JobRunner:
@@ -250,6 +276,7 @@ class JobRunner:
             if item.state != "succeeded"
         ]
         chunks = [items[r.start : r.stop] for r in self.engine.chunks(len(items))]
+        self.backgrounds = Backgrounds(self.storage, self.settings)
         uploads: list[tuple[_Item, Future]] = []
         downloads = self._download(chunks[0]) if chunks else []
         for n, chunk in enumerate(chunks):
@@ -295,6 +322,9 @@ class JobRunner:
         t0 = time.perf_counter()
         try:
             image = decode_image(self.storage.read(uri), settings=self.settings)
+            background = item.run.request.options.background_uri
+            if background is not None:  # fetched before the forward pass it would waste
+                self.backgrounds.get(background)
             item.run.status.items[item.index].fetch_ms = _ms_since(t0)
             return image
         except BEN2QError as exc:
@@ -308,24 +338,34 @@ class JobRunner:
     def _upload(self, item: _Item, pred: Prediction) -> None:
         t0 = time.perf_counter()
         request, record = item.run.request, item.run.status.items[item.index]
-        fmt = request.options.format
+        options = request.options
         meta = {
             "job-id": request.id,
             "item": str(item.index),
             "source": quote(public_uri(request.inputs[item.index]), safe=":/"),
         }
-        target = output_uri(request, item.index)
-        self.storage.write(
-            target, encode_output(pred, fmt), content_type=CONTENT_TYPES[fmt], metadata=meta
+        background = None
+        if options.background_uri is not None:
+            background = self.backgrounds.get(options.background_uri)
+        out = render(
+            pred.rgb,
+            pred.alpha,
+            options,
+            background=background,
+            max_pixels=self.settings.max_image_pixels,
         )
+        target = output_uri(request, item.index)
+        self.storage.write(target, out.data, content_type=out.content_type, metadata=meta)
         mask_target = None
-        if request.options.mask:
+        if options.mask:
             mask_target = mask_uri(request, item.index)
             self.storage.write(
-                mask_target, encode_mask(pred.alpha), content_type="image/png", metadata=meta
+                mask_target, encode_matte(out.alpha), content_type="image/png", metadata=meta
             )
         record.output, record.mask = target, mask_target
-        record.height, record.width = pred.alpha.shape
+        record.width, record.height = out.width, out.height
+        record.format, record.bytes = out.encoding, len(out.data)
+        record.subject, record.box = out.subject, out.box
         record.state, record.error = "succeeded", None
         record.store_ms = _ms_since(t0)
         record.duration_ms = _ms_since(item.started)

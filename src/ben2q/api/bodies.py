@@ -8,6 +8,7 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from ..errors import InvalidRequest
 from .problems import Problem, invalid_fields, pointer
 
 M = TypeVar("M", bound=BaseModel)
@@ -46,10 +47,20 @@ def validation_problem(exc: ValidationError, prefix: tuple = ()) -> Problem:
     for err in exc.errors(include_url=False)[:50]:
         loc = (*prefix, *err.get("loc", ()))
         message = str(err.get("msg", "invalid"))
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, InvalidRequest):  # a rule over several fields names its field
+            loc, message = (*prefix, *_field_path(cause.field)), cause.message
+            message = message.removeprefix(f"{cause.field}: ")
         if err.get("type") == "json_invalid":
             message = f"not valid JSON: {err.get('ctx', {}).get('error', message)}"
         errors.append({"pointer": pointer(loc) if loc else "/", "detail": message})
     return invalid_fields(errors)
+
+
+def _field_path(field: str) -> tuple[str | int, ...]:
+    """``inputs[3]`` -> ("inputs", 3): the path a pointer is made of."""
+    name, _, rest = field.partition("[")
+    return (name, int(rest.rstrip("]"))) if rest.rstrip("]").isdigit() else (field,)
 
 
 async def read_json(request: Request, model: type[M], limit: int) -> M:

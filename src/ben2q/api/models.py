@@ -6,26 +6,16 @@ the API adds no second shape of a job.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
 
-from ..jobs import JobStatus, OutputFormat, WebhookEvent
+from pydantic import BaseModel, Field
 
-
-class JobOptionsIn(BaseModel):
-    """Options shared by ``POST /v1/jobs`` and ``POST /v1/remove``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    refine: bool = False
-    """Estimate foreground colours (blur fusion) instead of keeping the input's."""
-    format: OutputFormat = "png"
-    """``png`` or lossless ``webp``."""
-    mask: bool = False
-    """Also write the alpha as an 8-bit grayscale PNG."""
+from ..jobs import Channels, JobOptions, JobStatus, OutputFormat, WebhookEvent
 
 
-class JobCreate(JobOptionsIn):
-    """``POST /v1/jobs`` as JSON: ``input`` (one image) or ``inputs`` (a batch job)."""
+class JobCreate(JobOptions):
+    """``POST /v1/jobs`` as JSON: ``input`` (one image) or ``inputs`` (a batch job), and
+    the job's options (the queue's own ``JobOptions``, validated by the same rules)."""
 
     input: str | None = Field(None, max_length=4096, description="One image's URI.")
     inputs: list[str] | None = Field(
@@ -40,11 +30,36 @@ class JobCreate(JobOptionsIn):
     webhook_url: str | None = Field(None, max_length=2048)
     webhook_events: list[WebhookEvent] = Field(["final"], min_length=1, max_length=2)
 
+    def options(self) -> dict[str, object]:
+        """The job options the request set (the rest keep their defaults)."""
+        return self.model_dump(include=set(JobOptions.model_fields), exclude_unset=True)
 
-class RemoveJson(JobOptionsIn):
-    """``POST /v1/remove`` as JSON: one image by URI."""
+
+class RemoveJson(JobOptions):
+    """``POST /v1/remove`` as JSON: one image by URI, and the output options."""
 
     input: str = Field(max_length=4096)
+
+
+class RemoveQuery(BaseModel):
+    """Options of ``POST /v1/remove`` given in the query string (any body). Same names and
+    meanings as ``JobOptions``; combinations are checked once merged with the body's."""
+
+    format: OutputFormat | Literal["jpg"] | None = None
+    quality: int | None = Field(None, ge=1, le=100)
+    background: str | None = Field(None, max_length=4096)
+    channels: Channels | None = None
+    crop: bool | None = None
+    crop_margin: str | None = Field(None, max_length=20, description="20, 20px or 5%")
+    max_side: int | None = Field(None, ge=1, le=16384)
+    scale: float | None = Field(None, gt=0.0, le=4.0)
+    mask_threshold: int | None = Field(None, ge=1, le=255)
+    mask_smooth: bool | None = None
+    refine: bool | None = None
+    mask: bool | None = Field(None, description="Answer the grayscale matte instead of the output")
+
+    def given(self) -> dict[str, object]:
+        return self.model_dump(exclude_none=True)
 
 
 class JobPage(BaseModel):
@@ -54,14 +69,11 @@ class JobPage(BaseModel):
     next_cursor: str | None = None
 
 
-class JobUpload(BaseModel):
+class JobUpload(JobOptions):
     """``POST /v1/jobs`` as ``multipart/form-data``: one or more ``file`` parts (each an
     image), with the options as form fields. Documents the form; parsed by ``uploads``."""
 
     file: list[bytes] = Field(description="The images (binary parts named 'file').")
     output: str | None = None
-    refine: bool = False
-    format: OutputFormat = "png"
-    mask: bool = False
     webhook_url: str | None = None
     webhook_events: list[WebhookEvent] = ["final"]

@@ -84,9 +84,7 @@ async def build_request(
         kind,  # type: ignore[arg-type]
         inputs,
         output,
-        refine=body.refine,
-        format=body.format,
-        mask=body.mask,
+        options=body.options(),
         webhook_url=body.webhook_url,
         webhook_events=body.webhook_events,
         max_items=max_items,
@@ -106,6 +104,11 @@ async def build_request(
                 )
         for uri, field in list(hosts.values())[:50]:
             await guard_host(svc, uri, field)
+    background = request.options.background_uri
+    if background is not None:  # fetched like an input: the key's scopes, the URL guard
+        check_input(key, background, "background")
+        if urlsplit(background).scheme.lower() in ("http", "https"):
+            await guard_host(svc, background, "background")
     if request.webhook_url:
         await guard_host(svc, request.webhook_url, "webhook_url")
     return request

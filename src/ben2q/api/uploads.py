@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import ImageTooLarge, InvalidImage
 from ..imageio import _allowed_formats, _pillow_errors, configure_pillow
-from ..jobs import JobRequest, new_job_id
+from ..jobs import OPTION_NAMES, JobRequest, new_job_id
 from ..keys import ApiKey
 from .bodies import validation_problem
 from .models import JobCreate
@@ -56,9 +56,9 @@ PART_OVERHEAD = 16 * 1024
 DRAIN_BYTES = 16 * 1024 * 1024
 DRAIN_SECONDS = 2.0
 
-JOB_FIELDS = frozenset({"output", "refine", "format", "mask", "webhook_url", "webhook_events"})
-"""Form fields of ``POST /v1/jobs``; ``/v1/remove`` takes ``REMOVE_FIELDS``."""
-REMOVE_FIELDS = frozenset({"refine", "format", "mask"})
+REMOVE_FIELDS = OPTION_NAMES
+"""Form fields of ``POST /v1/remove``: the job options; ``/v1/jobs`` takes ``JOB_FIELDS``."""
+JOB_FIELDS = OPTION_NAMES | {"output", "webhook_url", "webhook_events"}
 LIST_FIELDS = frozenset({"webhook_events"})
 """Fields that may repeat (or hold a comma-separated list)."""
 

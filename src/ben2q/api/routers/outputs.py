@@ -35,7 +35,7 @@ CHUNK = 256 * 1024
 RESPONSES: dict[int | str, dict] = {
     200: {
         "description": "The bytes (outputs on file:// storage)",
-        "content": {"image/png": {}, "image/webp": {}},
+        "content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}},
     },
     302: {"description": "A presigned URL of the object (outputs in S3)"},
     401: {"description": "No, unknown or revoked API key"},

@@ -14,11 +14,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.responses import Response
 
-from ...jobs import CONTENT_TYPES, JobStatus, OutputFormat
+from ...jobs import CONTENT_TYPES, JobOptions, JobStatus
 from .. import idempotency
 from ..bodies import is_json, media_type, read_json
 from ..deps import KeyDep, ServicesDep
-from ..models import RemoveJson
+from ..models import RemoveJson, RemoveQuery
 from ..problems import STATUS_OF, Problem
 from ..state import Services
 from ..submit import admit, build_request, enqueue, owned
@@ -27,7 +27,16 @@ from .outputs import open_output, stream
 
 router = APIRouter(prefix="/v1", tags=["remove"])
 
-OPTIONS = ("refine", "format", "mask")
+OPTIONS = frozenset(JobOptions.model_fields)
+
+FORM_SCHEMA = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary"},
+        **JobOptions.model_json_schema()["properties"],
+    },
+}
 
 
 def _follow(job_id: str) -> dict[str, str]:
@@ -48,7 +57,9 @@ def failure(status: JobStatus) -> Problem:
 
 
 async def answer(svc: Services, status: JobStatus, mask: bool) -> Response:
-    """The finished job's output (or mask) as the response body, with its size headers."""
+    """The finished job's output (or mask) as the response body, with headers describing
+    it: ``X-Width``/``X-Height`` and, when there is a subject, its box in output pixels as
+    remove.bg names it (``X-Foreground-Left/Top/Width/Height``)."""
     item = status.items[0]
     if status.state != "succeeded" or item.state != "succeeded":
         raise failure(status)
@@ -56,16 +67,28 @@ async def answer(svc: Services, status: JobStatus, mask: bool) -> Response:
     if uri is None:  # a worker that did not write what was asked: not the caller's fault
         raise Problem(500, "internal", f"job {status.id} has no {'mask' if mask else 'output'}")
     reader = await open_output(svc, uri)
+    headers = {
+        "X-Job-Id": status.id,
+        "X-Width": str(item.width),
+        "X-Height": str(item.height),
+        "X-Subject": "true" if item.subject else "false",
+        "Content-Length": str(reader.size),
+        "Cache-Control": "no-store",
+    }
+    if item.box is not None:
+        headers.update(
+            {
+                "X-Foreground-Left": str(item.box.left),
+                "X-Foreground-Top": str(item.box.top),
+                "X-Foreground-Width": str(item.box.width),
+                "X-Foreground-Height": str(item.box.height),
+            }
+        )
+    encoding = item.format or status.options.encoding
     return StreamingResponse(
         stream(svc, reader),
-        media_type="image/png" if mask else CONTENT_TYPES[status.options.format],
-        headers={
-            "X-Job-Id": status.id,
-            "X-Width": str(item.width),
-            "X-Height": str(item.height),
-            "Content-Length": str(reader.size),
-            "Cache-Control": "no-store",
-        },
+        media_type="image/png" if mask else CONTENT_TYPES[encoding],
+        headers=headers,
     )
 
 
@@ -74,9 +97,10 @@ async def answer(svc: Services, status: JobStatus, mask: bool) -> Response:
     response_class=Response,
     responses={
         200: {
-            "description": "The cut-out (RGBA PNG or lossless WebP), or with `mask=true` the "
-            "8-bit grayscale mask PNG; `X-Job-Id`, `X-Width` and `X-Height` describe it",
-            "content": {"image/png": {}, "image/webp": {}},
+            "description": "The output (PNG, WebP or JPEG, as the options make it), or with "
+            "`mask=true` the 8-bit grayscale matte PNG; `X-Job-Id`, `X-Width`, `X-Height`, "
+            "`X-Subject` and (with a subject) `X-Foreground-Left/Top/Width/Height` describe it",
+            "content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}},
         },
         400: {"description": "A malformed `Idempotency-Key`"},
         401: {"description": "No, unknown or revoked API key"},
@@ -94,18 +118,7 @@ async def answer(svc: Services, status: JobStatus, mask: bool) -> Response:
         "requestBody": {
             "required": True,
             "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {"type": "string", "format": "binary"},
-                            "format": {"type": "string", "enum": ["png", "webp"]},
-                            "refine": {"type": "boolean"},
-                            "mask": {"type": "boolean"},
-                        },
-                    }
-                },
+                "multipart/form-data": {"schema": FORM_SCHEMA},
                 "application/json": {"schema": {"$ref": "#/components/schemas/RemoveJson"}},
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
@@ -117,11 +130,7 @@ async def remove(
     request: Request,
     svc: ServicesDep,
     key: KeyDep,
-    format: Annotated[OutputFormat | None, Query(description="png or webp")] = None,
-    refine: Annotated[bool | None, Query(description="Estimate foreground colours")] = None,
-    mask: Annotated[
-        bool | None, Query(description="Answer the grayscale mask instead of the cut-out")
-    ] = None,
+    query: Annotated[RemoveQuery, Query()],
 ) -> Response:
     """Remove the background of one image and answer the result's bytes.
 
@@ -129,38 +138,38 @@ async def remove(
     (`image/*` or `application/octet-stream`, at most `BEN2Q_MAX_IMAGE_BYTES`), or by URI
     as JSON `{"input": "s3://..." | "https://..."}`.
 
-    Options: `format` (`png` or `webp`), `refine` and `mask`, given as query parameters
-    (any body), as form fields (multipart) or as JSON fields; the same option given in
-    both places with different values is refused. **`mask=true` answers the mask instead
-    of the cut-out**: the alpha matte as an 8-bit grayscale PNG (whatever `format` is),
-    like remove.bg's `channels=alpha` and rembg's `only_mask`; the job also keeps the
-    cut-out, so `GET /v1/jobs/{id}/items/0/output` still has it.
+    Options: the job options (`background`, `format`, `quality`, `channels`, `crop`,
+    `crop_margin`, `max_side`, `scale`, `mask_threshold`, `mask_smooth`, `refine`,
+    `mask`; see the README, "Output options"), given as query parameters (any body), as
+    form fields (multipart) or as JSON fields; the same option given in both places with
+    different values is refused. **`mask=true` answers the matte instead of the output**
+    (an 8-bit grayscale PNG whatever `format` is); the job also keeps the output, so
+    `GET /v1/jobs/{id}/items/0/output` still has it. `channels=alpha` makes the matte the
+    output itself.
 
-    Answers `200` with the image and `X-Job-Id`, `X-Width`, `X-Height`. A job that fails
+    Answers `200` with the image and `X-Job-Id`, `X-Width`, `X-Height`, `X-Subject`, and
+    the subject's box in output pixels as `X-Foreground-Left`, `-Top`, `-Width`,
+    `-Height` (remove.bg's names) when there is one. A job that fails
     answers its error's problem (e.g. `422 invalid_image`); one that does not end within
     `BEN2Q_API_REMOVE_TIMEOUT` seconds answers `504 timeout` with `X-Job-Id` and
     `Location: /v1/jobs/{id}`, where it can be followed.
     """
-    query = {
-        name: value
-        for name, value in (("refine", refine), ("format", format), ("mask", mask))
-        if value is not None
-    }
+    given = query.given()
     async with idempotency.claim(request, svc, key) as idem:
         if idem is not None and idem.stored is not None:  # a retry: the same job's answer
             job_id = (await owned(svc, key.id, idem.stored.job_id)).id
         else:
             kind = media_type(request)
             if kind == "multipart/form-data":
-                job = await receive_one(request, svc, key, query)
+                job = await receive_one(request, svc, key, given)
             elif is_json(request):
                 body = await read_json(request, RemoveJson, svc.settings.api_max_json_bytes)
-                given = body.model_dump(include=set(OPTIONS), exclude_unset=True)
-                create = merge_options({"input": body.input, **given}, query)
+                options = body.model_dump(include=set(OPTIONS), exclude_unset=True)
+                create = merge_options({"input": body.input, **options}, given)
                 job = await build_request(svc, key, create)
                 await admit(request, svc, key, 1)
             elif kind.startswith("image/") or kind == "application/octet-stream":
-                job = await receive_raw(request, svc, key, query)
+                job = await receive_raw(request, svc, key, given)
             else:
                 raise Problem(
                     415,
