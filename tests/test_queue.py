@@ -399,3 +399,167 @@ def test_transient_errors_are_retried_with_backoff_permanent_ones_not(stack, cli
     assert gone.state == "failed" and gone.attempts == 1
     assert gone.items[0].error.code == "fetch_failed"
     assert _FlakyHandler.seen["/gone.png"] == 1
+
+
+# --- output options through real jobs ------------------------------------------------------
+
+
+def bbox(alpha: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of alpha >= 8, by numpy."""
+    ys, xs = np.nonzero(alpha >= 8)
+    return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
+
+def on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha[..., None].astype(np.float64) / 255
+    return np.floor(rgb * a + 255 * (1 - a) + 0.5).astype(np.uint8)
+
+
+def box_of(item) -> tuple[int, int, int, int]:
+    return item.box.left, item.box.top, item.box.width, item.box.height
+
+
+def test_output_options_through_a_queue_job(stack, client, engine, make_image):
+    src = make_image(160, 120, seed=81)
+    uri = put(stack, "opts/shoe.png", png_bytes(src))
+    job = client.submit(
+        uri,
+        "s3://outputs/opts/",
+        background="white",
+        format="jpg",
+        quality=95,
+        crop=True,
+        crop_margin="10%",
+        max_side=64,
+        mask=True,
+    )
+    status = client.wait(job, timeout=60)
+    assert status.state == "succeeded", status.items[0].error
+    [item] = status.items
+    assert item.output.endswith("0000-shoe.jpg") and item.format == "jpeg"
+    key = item.output.split("/", 3)[3]
+    head = stack["s3"].head_object(Bucket="outputs", Key=key)
+    assert head["ContentType"] == "image/jpeg" and head["ContentLength"] == item.bytes
+    out = read_output(stack, item.output)
+    assert out.format == "JPEG" and out.size == (item.width, item.height)
+    # independent: the engine's alpha, numpy's box and margins, numpy compositing on white,
+    # then Pillow's Lanczos to 64 px on the longest side
+    alpha = engine.predict([src])[0].alpha
+    left, top, width, height = bbox(alpha)
+    mx, my = int(np.floor(width / 10 + 0.5)), int(np.floor(height / 10 + 0.5))
+    white = np.pad(
+        on_white(np.asarray(src), alpha), ((my, my), (mx, mx), (0, 0)), constant_values=255
+    )
+    crop = white[top : top + height + 2 * my, left : left + width + 2 * mx]
+    w, h = crop.shape[1], crop.shape[0]
+    size = (
+        (64, max(1, int(np.floor(h * 64 / w + 0.5))))
+        if w >= h
+        else (max(1, int(np.floor(w * 64 / h + 0.5))), 64)
+    )
+    assert out.size == size
+    want = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS)).astype(int)
+    assert np.abs(np.asarray(out).astype(int) - want).mean() < 4  # JPEG q95 and rounding
+    matte = read_output(stack, item.mask)  # the output's own matte, for compositors
+    assert matte.mode == "L" and matte.size == out.size
+    assert box_of(item) == bbox(np.asarray(matte)) and item.subject is True
+
+
+def test_jobs_with_different_options_share_a_forward_pass(stack, client, engine, make_image):
+    busy = [
+        put(stack, f"mix/busy{i}.png", png_bytes(make_image(400, 400, seed=i))) for i in range(8)
+    ]
+    srcs = [make_image(70, 50, seed=90 + i) for i in range(4)]
+    uris = [put(stack, f"mix/{i}.png", png_bytes(s)) for i, s in enumerate(srcs)]
+    backdrop = Image.fromarray(np.full((30, 90, 3), (20, 90, 200), np.uint8))
+    bg_uri = put(stack, "mix/backdrop.png", png_bytes(backdrop))
+    options = [
+        {"channels": "alpha"},
+        {"format": "webp"},
+        {"background": bg_uri, "format": "png"},
+        {"crop": True, "crop_margin": 3, "background": "#ff000080"},
+    ]
+    blocker = client.submit_batch(busy, output="s3://outputs/mix/")
+    for status in client.events(blocker, timeout=60):
+        if status.state == "running":
+            break
+    jobs = [client.submit(u, "s3://outputs/mix/", **o) for u, o in zip(uris, options, strict=True)]
+    done = [client.wait(j, timeout=60) for j in jobs]
+    assert client.wait(blocker, timeout=60).state == "succeeded"
+    assert [s.state for s in done] == ["succeeded"] * 4
+    assert [s.items[0].batch_size for s in done] == [4, 4, 4, 4]  # one forward pass
+    alphas = [engine.predict([s])[0].alpha for s in srcs]
+    outs = [read_output(stack, s.items[0].output) for s in done]
+    assert outs[0].mode == "L" and np.abs(np.asarray(outs[0]).astype(int) - alphas[0]).max() <= 1
+    assert outs[1].format == "WEBP" and outs[1].mode == "RGBA"
+    assert np.array_equal(np.asarray(outs[1])[..., :3], np.asarray(srcs[1]))
+    assert outs[2].mode == "RGB" and done[2].items[0].format == "png"
+    a = alphas[2][..., None] / 255  # a flat backdrop: covering it is the same flat colour
+    want = np.floor(np.asarray(srcs[2]) * a + np.array([20, 90, 200]) * (1 - a) + 0.5)
+    assert np.abs(np.asarray(outs[2]).astype(int) - want).max() <= 1
+    left, top, width, height = bbox(alphas[3])
+    assert outs[3].mode == "RGBA" and outs[3].size == (width + 6, height + 6)
+    assert (np.asarray(outs[3])[..., 3] >= 128).all()  # everything lies over half-red
+    assert box_of(done[3].items[0]) == (3, 3, width, height)
+
+
+def test_a_missing_background_fails_the_item_with_its_code(stack, client, make_image):
+    uri = put(stack, "opts/ok.png", png_bytes(make_image(40, 30, seed=3)))
+    status = client.wait(
+        client.submit(uri, "s3://outputs/opts/", background="s3://inputs/opts/nothing.png"),
+        timeout=60,
+    )
+    assert status.state == "failed"
+    error = status.items[0].error
+    assert error.code == "not_found" and error.message.startswith("background: ")
+
+
+def test_invalid_options_are_refused_before_enqueue(stack, client):
+    import redis
+
+    broker = redis.Redis.from_url(stack["settings"].broker_url)
+    before = broker.llen(stack["settings"].queue)
+    for fields, field in (
+        ({"format": "jpeg"}, "format"),
+        ({"crop": True, "crop_margin": "-2px"}, "crop_margin"),
+        ({"background": "no-such-colour"}, "background"),
+        ({"background": "file:///etc/backdrop.png"}, "background"),
+    ):
+        with pytest.raises(InvalidRequest) as info:
+            client.submit("s3://inputs/opts/ok.png", "s3://outputs/opts/", **fields)
+        assert info.value.field == field
+    assert broker.llen(stack["settings"].queue) == before
+
+
+def test_box_of_an_exif_rotated_input_is_upright(stack, client, engine, make_image):
+    src = make_image(90, 40, seed=7)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways; upright is ``src``
+    buf = io.BytesIO()
+    src.transpose(Image.Transpose.ROTATE_90).save(buf, format="PNG", exif=exif)
+    uri = put(stack, "opts/rotated.png", buf.getvalue())
+    status = client.wait(client.submit(uri, "s3://outputs/opts/", crop=True), timeout=60)
+    [item] = status.items
+    assert status.state == "succeeded"
+    left, top, width, height = bbox(engine.predict([src])[0].alpha)
+    assert (item.width, item.height) == (width, height)
+    assert box_of(item) == (0, 0, width, height)
+
+
+def test_empty_and_full_subjects(stack, client, engine):
+    """A 1×1 input's matte is one constant value v (no contrast to stretch): with
+    ``mask_threshold=255`` it is empty, with ``mask_threshold=1`` full."""
+    pixel = Image.new("RGB", (1, 1), (120, 80, 40))
+    value = int(engine.predict([pixel])[0].alpha[0, 0])
+    assert 1 <= value < 255
+    uri = put(stack, "opts/pixel.png", png_bytes(pixel))
+    empty = client.wait(
+        client.submit(uri, "s3://outputs/opts/", crop=True, mask_threshold=255), timeout=60
+    )
+    [item] = empty.items
+    assert empty.state == "succeeded" and item.subject is False and item.box is None
+    assert (item.width, item.height) == (1, 1)  # uncropped, never zero-sized
+    full = client.wait(
+        client.submit(uri, "s3://outputs/opts/", crop=True, mask_threshold=1), timeout=60
+    )
+    assert full.items[0].subject is True and box_of(full.items[0]) == (0, 0, 1, 1)
