@@ -437,3 +437,49 @@ def test_adapter_box_is_in_upright_coordinates(adapter, make_image, tmp_path):
     b = adapter.render(str(upright), crop=True)
     assert a.box == b.box and (a.width, a.height) == (b.width, b.height)
     assert np.array_equal(np.asarray(decode(a.data)), np.asarray(decode(b.data)))
+
+
+# --- any valid combination ------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+OPTION_VALUES = {
+    "format": st.sampled_from(["png", "webp", "jpeg", "auto", "jpg"]),
+    "quality": st.none() | st.integers(1, 100),
+    "background": st.sampled_from([None, "white", "#00000000", "#12345680", "navy"]),
+    "channels": st.sampled_from(["rgba", "alpha"]),
+    "crop": st.booleans(),
+    "crop_margin": st.sampled_from(["0px", "3px", 7, "10%", "100%"]),
+    "max_side": st.none() | st.integers(1, 80),
+    "scale": st.none() | st.floats(0.05, 2.0),
+    "mask_threshold": st.none() | st.integers(1, 255),
+    "mask_smooth": st.booleans(),
+}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    fields=st.fixed_dictionaries({}, optional=OPTION_VALUES),
+    shape=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    seed=st.integers(0, 2**16),
+)
+def test_every_valid_combination_renders_what_its_record_says(fields, shape, seed):
+    try:
+        opts = job_options(**fields)
+    except InvalidRequest as exc:  # an invalid combination: refused, naming a real field
+        assert exc.field in OPTION_VALUES
+        return
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    alpha = rng.choice(np.array([0, 3, 8, 128, 255], np.uint8), size=shape)
+    out = render(rgb, alpha, opts)
+    img = decode(out.data)
+    assert img.size == (out.width, out.height) and out.width >= 1 and out.height >= 1
+    assert img.format == {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}[out.encoding]
+    assert out.alpha.shape == (out.height, out.width)
+    if out.encoding != "jpeg" and out.mode == "L":
+        assert np.array_equal(np.asarray(img), out.alpha)
+    want = None if not (out.alpha >= 8).any() else bbox(out.alpha)
+    got = None if out.box is None else (out.box.left, out.box.top, out.box.width, out.box.height)
+    assert got == want and out.subject == (want is not None)

@@ -38,6 +38,14 @@ class Composed:
     writes; for RGBA outputs also their alpha channel)."""
     box: Box | None
     """The subject's box in output pixels; None: no subject."""
+    opacity: np.ndarray | None = None
+    """(H, W) uint8: the RGBA output's alpha channel where it is not the matte (over a
+    semi-transparent background colour); None: the matte is the alpha channel."""
+
+    @property
+    def channel(self) -> np.ndarray:
+        """The alpha channel the output is written with."""
+        return self.alpha if self.opacity is None else self.opacity
 
     @property
     def width(self) -> int:
@@ -57,7 +65,7 @@ class Composed:
             return self.alpha
         if self.mode == "RGB":
             return self.color  # type: ignore[return-value]
-        return np.dstack([self.color, self.alpha])
+        return np.dstack([self.color, self.channel])
 
     def image(self) -> Image.Image:
         """The output as a PIL image (mode ``RGBA``, ``RGB`` or ``L``)."""
@@ -144,7 +152,7 @@ def compose(
         plane[...] = bg[:3]
         return Composed("RGB", over_opaque(color, alpha, plane), alpha, box)
     out_rgb, out_alpha = over_color(color, alpha, bg)
-    return Composed("RGBA", out_rgb, out_alpha, box)
+    return Composed("RGBA", out_rgb, alpha, box, opacity=out_alpha)
 
 
 def render(
@@ -157,12 +165,13 @@ def render(
 ) -> Rendered:
     """``compose`` then ``encode``: the output's bytes and its description."""
     composed = compose(rgb, alpha, options, background=background, max_pixels=max_pixels)
-    data = encode(composed.mode, composed.color, composed.alpha, options)
+    data = encode(composed.mode, composed.color, composed.channel, options)
     return Rendered(
         composed.mode,
         composed.color,
         composed.alpha,
         composed.box,
+        composed.opacity,
         data=data,
         encoding=options.encoding,
     )
