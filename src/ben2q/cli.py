@@ -1,13 +1,22 @@
 """The ``ben2q`` command.
 
-``ben2q remove IMAGE... [--output-dir DIR] [--refine]`` removes backgrounds locally with the
-engine and writes one RGBA PNG per input, named after it. Every failed input gets a one-line
-reason on stderr while the others still finish; the exit status is 1 if any input failed
-and 2 if nothing could run (bad arguments, no weights).
+``ben2q remove INPUT... [--output-dir DIR] [--refine] [--mask] [OUTPUT OPTIONS]`` removes
+backgrounds locally with the engine and writes one output per input, named after it and
+rendered by ``ben2q.render`` (an RGBA PNG by default; ``--bg-color``, ``--format``,
+``--crop``... as for jobs). A folder among the inputs is walked (``-r``: recursively) and
+mirrored into DIR, skipping images already done (``--overwrite`` redoes them);
+``--watch`` then keeps processing images that appear in it until Ctrl-C or SIGTERM (the
+walking, naming and watching live in ``ben2q.folders``). Every failed input gets a
+one-line reason on stderr while the others still finish; the exit status is 1 if any
+input failed, 2 if nothing could run (bad arguments or options, no weights), 130 if
+interrupted before the end (not under ``--watch``, where stopping is how it ends).
+
+The output options' flags (``add_output_options``) are shared by ``remove``, ``submit``
+and ``bg_remove.py``; they are validated (``jobs.job_options``) before anything loads.
 
 Job commands talk to the queue (Redis) through ``ben2q.client.Client``::
 
-    ben2q submit INPUT... --output URI [--refine] [--mask] [--format png|webp]
+    ben2q submit INPUT... --output URI [--refine] [--mask] [OUTPUT OPTIONS]
                  [--wait] [--timeout S] [--json]
     ben2q status JOB_ID [--json]
     ben2q wait JOB_ID [--timeout S] [--json]
@@ -26,94 +35,316 @@ Configuration comes from ``BEN2Q_*`` variables through ``Settings``; flags overr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
+from typing import TYPE_CHECKING, Any
 
-from . import admin
+from . import admin, folders
 from .config import Settings
 from .errors import BEN2QError
+from .folders import OutputPlan, Task
+from .folders import output_names as output_names  # re-exported: part of the CLI's API
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from .client import Client
-    from .jobs import JobStatus
+    from .engine import Engine, Prediction
+    from .jobs import JobOptions, JobStatus, OutputOptions
 
 EXIT_OK, EXIT_FAILED_ITEMS, EXIT_UNUSABLE = 0, 1, 2
 EXIT_FAILED, EXIT_TIMEOUT = 1, 3
+EXIT_INTERRUPTED = 130
 
 
-def output_names(inputs: Sequence[str], output_dir: Path) -> list[Path]:
-    """One ``<stem>.png`` per input in ``output_dir``; never two alike, never an input file.
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """Flags of the output options (``ben2q.jobs.OutputOptions``), shared by ``remove``,
+    ``submit`` and ``bg_remove.py``. Every default is None: ``output_fields`` passes only
+    the flags given, so the options' own defaults stay the single source of truth."""
+    group = parser.add_argument_group(
+        "output options", 'how each output looks (README, "Output options")'
+    )
+    group.add_argument(
+        "--format",
+        type=str.lower,
+        choices=["png", "webp", "jpeg", "jpg", "auto"],
+        help="png (default), webp, jpeg/jpg (needs an opaque background), auto",
+    )
+    group.add_argument("--quality", type=int, metavar="N", help="jpeg or lossy webp, 1-100")
+    background = group.add_mutually_exclusive_group()
+    background.add_argument(
+        "--bg-color", metavar="COLOR", help="background colour: white, #RRGGBB, #RRGGBBAA"
+    )
+    background.add_argument(
+        "--bg-image", metavar="URI_OR_PATH", help="background image: a path, s3://, http(s)://"
+    )
+    group.add_argument(
+        "--alpha-only", action="store_true", default=None, help="write the matte alone (gray)"
+    )
+    group.add_argument(
+        "--crop", action="store_true", default=None, help="trim to the subject's box"
+    )
+    group.add_argument(
+        "--crop-margin", metavar="MARGIN", help="around the crop: 20, 20px or 5%% (with --crop)"
+    )
+    group.add_argument("--max-side", type=int, metavar="N", help="shrink to at most N px a side")
+    group.add_argument("--scale", type=float, metavar="F", help="resize by F (at most 4)")
+    group.add_argument(
+        "--mask-threshold", type=int, metavar="N", help="binary matte: alpha >= N (1-255) opaque"
+    )
+    group.add_argument(
+        "--mask-smooth",
+        action="store_true",
+        default=None,
+        help="clear specks and fill pinholes of the matte",
+    )
 
-    Later duplicates get ``_1``, ``_2``... so that ``a/x.jpg`` and ``b/x.jpg`` both survive.
+
+def output_fields(args: argparse.Namespace) -> dict[str, object]:
+    """The output options the user gave, as ``OutputOptions`` fields (unset: left out)."""
+    fields: dict[str, object] = {}
+    for name in ("format", "quality", "crop_margin", "max_side", "scale", "mask_threshold"):
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    if getattr(args, "bg_color", None) is not None:
+        fields["background"] = args.bg_color
+    if getattr(args, "bg_image", None) is not None:
+        fields["background"] = background_uri(args.bg_image)
+    if getattr(args, "alpha_only", None):
+        fields["channels"] = "alpha"
+    for name in ("crop", "mask_smooth"):
+        if getattr(args, name, None):
+            fields[name] = True
+    return fields
+
+
+def background_uri(value: str) -> str:
+    """``--bg-image``: a URI as it is, a local path as an absolute ``file://`` URI."""
+    if "://" in value:
+        return value
+    return Path(value).expanduser().resolve().as_uri()
+
+
+def validated_options(fields: dict[str, object]) -> JobOptions | None:
+    """``job_options(**fields)``, or None after printing ``error: invalid_request: ...``."""
+    from .errors import InvalidRequest
+    from .jobs import job_options
+
+    try:
+        return job_options(**fields)
+    except InvalidRequest as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return None
+
+
+class Remover:
+    """Runs inputs through the engine and writes their rendered outputs; keeps the tally.
+
+    One per ``ben2q remove`` run: the model and the background image are loaded once,
+    however many batches (first pass, then each watched change) go through it.
     """
-    taken: set[Path] = set()
-    for item in inputs:
-        if "://" not in item:
-            taken.add(Path(item).resolve())
-    names: list[Path] = []
-    for item in inputs:
-        stem = _stem(item)
-        candidate = output_dir / f"{stem}.png"
-        n = 0
-        while candidate.resolve() in taken:
-            n += 1
-            candidate = output_dir / f"{stem}_{n}.png"
-        taken.add(candidate.resolve())
-        names.append(candidate)
-    return names
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        settings: Settings,
+        options: OutputOptions,
+        background: Image.Image | None,
+        refine: bool,
+        plan: OutputPlan,
+    ) -> None:
+        self.engine, self.settings, self.options = engine, settings, options
+        self.background, self.refine, self.plan = background, refine, plan
+        self.written = 0
+        self.failed: set[str] = set()  # sources whose last attempt failed
+
+    def run_all(
+        self,
+        tasks: Sequence[Task],
+        *,
+        watcher: folders.FolderWatcher | None,
+        stop: threading.Event,
+    ) -> bool:
+        """The first pass, then (with a watcher) each batch of new or changed images until
+        ``stop``; True if it was cut short (a signal in the first pass, or a second one)."""
+        try:
+            self.run(tasks, stop=stop)
+            if watcher is None or stop.is_set():
+                return stop.is_set()
+            where = ", ".join(str(root.given) for root in watcher.roots)
+            print(f"watching {where} for new images (Ctrl-C to stop)", file=sys.stderr)
+            for batch in watcher.tasks(self.plan):
+                self.run(batch, stop=stop, verbose=True)
+        except KeyboardInterrupt:  # a second signal: stop now (outputs are atomic)
+            return True
+        return False
+
+    def run(
+        self,
+        tasks: Sequence[Task],
+        *,
+        stop: threading.Event | None = None,
+        verbose: bool = False,
+    ) -> None:
+        """Process ``tasks`` in engine batches; a failed input prints one line and the
+        others go on. Stops between batches once ``stop`` is set."""
+        from tqdm import tqdm
+
+        from .imageio import load_image
+
+        quiet = verbose or len(tasks) < 2  # verbose: a line per output instead
+        bar = tqdm(total=len(tasks), unit="img", disable=quiet, file=sys.stderr)
+        for idx in self.engine.chunks(len(tasks)):
+            if stop is not None and stop.is_set():
+                break
+            loaded = []
+            for i in idx:
+                try:
+                    loaded.append((tasks[i], load_image(tasks[i].source, settings=self.settings)))
+                except BEN2QError as exc:
+                    self._failed(tasks[i], f"{exc.code}: {exc.message}", bar)
+            if loaded:
+                preds = self.engine.predict([image for _, image in loaded], refine=self.refine)
+                for (task, _), pred in zip(loaded, preds, strict=True):
+                    self._write(task, pred, bar, verbose)
+            bar.update(len(idx))
+        bar.close()
+
+    def _write(self, task: Task, pred: Prediction, bar: Any, verbose: bool) -> None:
+        from .folders import atomic_write
+        from .render import encode_matte, render
+
+        try:
+            out = render(
+                pred.rgb,
+                pred.alpha,
+                self.options,
+                background=self.background,
+                max_pixels=self.settings.max_image_pixels,
+            )
+            atomic_write(task.target, out.data)
+            mask = self.plan.mask_of(task.target)
+            if mask is not None:
+                atomic_write(mask, encode_matte(out.alpha))
+        except BEN2QError as exc:
+            self._failed(task, f"{exc.code}: {exc.message}", bar)
+            return
+        except OSError as exc:
+            self._failed(task, f"internal: cannot write {task.target}: {exc}", bar)
+            return
+        self.written += 1
+        self.failed.discard(task.source)
+        if verbose:
+            bar.write(f"written: {task.label} -> {task.target}", file=sys.stderr)
+
+    def _failed(self, task: Task, reason: str, bar: Any) -> None:
+        self.failed.add(task.source)
+        bar.write(f"failed: {task.label}: {reason}", file=sys.stderr)
 
 
-def _stem(item: str) -> str:
-    if item.startswith("data:"):
-        return "image"
-    path = unquote(urlsplit(item).path) if "://" in item else item
-    stem = Path(path).stem.strip()
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem).strip("._")
-    return safe or "image"
+def run_remove(
+    inputs: Sequence[str],
+    *,
+    output_dir: Path,
+    refine: bool,
+    settings: Settings,
+    options: OutputOptions | None = None,
+    mask: bool = False,
+    recursive: bool = False,
+    overwrite: bool = False,
+    watch: bool = False,
+) -> int:
+    """Remove backgrounds of ``inputs`` (files, URLs, directories) into ``output_dir``;
+    returns the exit status (0 all written, 1 some failed, 2 nothing could run, 130
+    interrupted before the end, except under ``watch`` where stopping is the way out).
 
-
-def run_remove(inputs: Sequence[str], *, output_dir: Path, refine: bool, settings: Settings) -> int:
-    """Remove backgrounds of ``inputs`` into ``output_dir``; returns the exit status."""
-    from tqdm import tqdm
-
-    from .engine import Engine
-    from .imageio import load_image
-    from .png import encode_png
+    Directories are walked (``recursive``: their subdirectories too) and mirrored into
+    ``output_dir``; their files whose outputs exist are skipped unless ``overwrite``.
+    Files and URLs named one by one are always written, flat in ``output_dir``.
+    """
+    from .jobs import EXTENSIONS, job_options
 
     if not inputs:
         print("error: no input images given", file=sys.stderr)
         return EXIT_UNUSABLE
-    try:
-        engine = Engine.load(settings=settings)
+    options = options if options is not None else job_options()
+    is_dir = [os.path.isdir(i) for i in inputs]  # never raises (a base64 input is no path)
+    roots = list(
+        dict.fromkeys(folders.Root.of(i) for i, d in zip(inputs, is_dir, strict=True) if d)
+    )
+    items = [i for i, d in zip(inputs, is_dir, strict=True) if not d]
+    if any(root.path == output_dir.resolve() for root in roots):
+        print("error: the output directory must not be an input folder", file=sys.stderr)
+        return EXIT_UNUSABLE
+    if watch and not roots:
+        print("error: --watch needs a directory among the inputs", file=sys.stderr)
+        return EXIT_UNUSABLE
+    background = None
+    if options.background_uri is not None:  # loaded once for the whole run
+        from .adapter import load_background
+
+        try:
+            background = load_background(options.background_uri, settings)
+        except BEN2QError as exc:
+            print(f"error: {exc.code}: background: {exc.message}", file=sys.stderr)
+            return EXIT_UNUSABLE
+    try:  # under --watch, before the watch starts: files copied in meanwhile are walked
+        engine = _engine(settings) if watch else None
     except BEN2QError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_UNUSABLE
-    output_dir.mkdir(parents=True, exist_ok=True)
-    targets = output_names(inputs, output_dir)
-    failed = 0
-    bar = tqdm(total=len(inputs), unit="img", disable=len(inputs) < 2, file=sys.stderr)
-    for idx in engine.chunks(len(inputs)):
-        loaded = []
-        for i in idx:
+    plan = folders.OutputPlan(output_dir, extension=EXTENSIONS[options.encoding], mask=mask)
+    with folders.StopOnSignals() as stopper, contextlib.ExitStack() as stack:
+        watcher = None
+        if watch:
+            watcher = folders.FolderWatcher(
+                roots, recursive=recursive, exclude=output_dir.resolve(), stop=stopper.event
+            )
+            stack.callback(watcher.close)
+        tasks, skipped = folders.first_pass(
+            plan, roots, items, recursive=recursive, overwrite=overwrite, watcher=watcher
+        )
+        remover = None
+        interrupted = False
+        if tasks or watcher is not None:
             try:
-                loaded.append((i, load_image(inputs[i], settings=settings)))
+                engine = engine if engine is not None else _engine(settings)
             except BEN2QError as exc:
-                failed += 1
-                bar.write(f"failed: {inputs[i]}: {exc.code}: {exc.message}", file=sys.stderr)
-                bar.update(1)
-        if not loaded:
-            continue
-        outputs = engine.predict([img for _, img in loaded], refine=refine)
-        for (i, _), out in zip(loaded, outputs, strict=True):
-            Path(targets[i]).write_bytes(encode_png(out.rgba()))
-            bar.update(1)
-    bar.close()
-    done = len(inputs) - failed
-    print(f"{done} of {len(inputs)} images written to {output_dir}", file=sys.stderr)
+                print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+                return EXIT_UNUSABLE
+            output_dir.mkdir(parents=True, exist_ok=True)
+            remover = Remover(
+                engine,
+                settings=settings,
+                options=options,
+                background=background,
+                refine=refine,
+                plan=plan,
+            )
+            interrupted = remover.run_all(tasks, watcher=watcher, stop=stopper.event)
+    written, failed = (remover.written, len(remover.failed)) if remover else (0, 0)
+    total = written + failed + skipped if watch else len(tasks) + skipped
+    print(
+        f"{written} of {total} images written to {output_dir}; "
+        f"{skipped} skipped (already done), {failed} failed",
+        file=sys.stderr,
+    )
+    if interrupted and not watch:
+        print("interrupted: run the same command again to finish", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_FAILED_ITEMS if failed else EXIT_OK
+
+
+def _engine(settings: Settings) -> Engine:
+    from .engine import Engine
+
+    return Engine.load(settings=settings)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -160,14 +391,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     remove = sub.add_parser(
         "remove",
-        help="remove backgrounds of local files or URLs",
-        description="Remove the backgrounds of images (paths or URLs) with the model on this "
-        "machine and write one RGBA PNG per input, named after it. Exit status: 0 all "
-        "written, 1 some failed (one line each), 2 nothing could run.",
+        help="remove backgrounds of local files, folders or URLs",
+        description="Remove the backgrounds of images (paths, folders or URLs) with the model "
+        "on this machine and write one output per input, named after it (an RGBA PNG unless "
+        "output options say otherwise). A folder's images are mirrored into the output "
+        "directory, and those already done are skipped, so a rerun resumes. Exit status: 0 "
+        "all written, 1 some failed (one line each), 2 nothing could run, 130 interrupted.",
     )
-    remove.add_argument("images", nargs="+", help="paths or URLs")
+    remove.add_argument("images", nargs="+", metavar="INPUT", help="paths, folders or URLs")
     remove.add_argument("--output-dir", "-o", default="ben2_outputs", type=Path)
     remove.add_argument("--refine", action="store_true", help="refine foreground colours")
+    remove.add_argument(
+        "--mask", action="store_true", help="also write each output's matte as NAME.mask.png"
+    )
+    remove.add_argument(
+        "-r", "--recursive", action="store_true", help="walk folders' subfolders too"
+    )
+    remove.add_argument(
+        "--overwrite", action="store_true", help="redo a folder's images already done"
+    )
+    remove.add_argument(
+        "--watch",
+        action="store_true",
+        help="after the first pass, process images that appear or change in the folders "
+        "until Ctrl-C",
+    )
+    add_output_options(remove)
     add_engine_options(remove)
 
     submit = sub.add_parser(
@@ -181,10 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--output", required=True, help="s3://bucket/prefix/ or file:///dir/")
     submit.add_argument("--refine", action="store_true", help="refine foreground colours")
     submit.add_argument("--mask", action="store_true", help="also write the grayscale mask")
-    submit.add_argument("--format", default="png", metavar="{png,webp}", help="output format")
     submit.add_argument("--wait", action="store_true", help="wait for the job to finish")
     submit.add_argument("--timeout", type=float, help="seconds to wait at most (with --wait)")
     submit.add_argument("--json", action="store_true", help="print the job record as JSON")
+    add_output_options(submit)
     status = sub.add_parser("status", help="show a job's record")
     status.add_argument("job_id", metavar="JOB_ID")
     status.add_argument("--json", action="store_true", help="print the full record as JSON")
@@ -312,7 +561,7 @@ def follow(client: Client, job_id: str, timeout: float | None) -> JobStatus:
 
 
 def run_submit(client: Client, args: argparse.Namespace) -> int:
-    options = {"refine": args.refine, "format": args.format, "mask": args.mask}
+    options = {"refine": args.refine, "mask": args.mask, **output_fields(args)}
     if len(args.inputs) == 1:
         job = client.submit(args.inputs[0], args.output, **options)
     else:
@@ -425,8 +674,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_UNUSABLE
+        options = validated_options(output_fields(args))
+        if options is None:
+            return EXIT_UNUSABLE
         return run_remove(
-            args.images, output_dir=args.output_dir, refine=args.refine, settings=settings
+            args.images,
+            output_dir=args.output_dir,
+            refine=args.refine,
+            settings=settings,
+            options=options,
+            mask=args.mask,
+            recursive=args.recursive,
+            overwrite=args.overwrite,
+            watch=args.watch,
         )
     if args.command in JOB_COMMANDS:
         return run_job_command(args)
