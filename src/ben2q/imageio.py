@@ -335,6 +335,9 @@ def _check_pixels(size: tuple[int, int], settings: Settings) -> None:
         )
 
 
+_OBJECT_REPR = re.compile(r" ?<[\w.]+ object at 0x[0-9a-f]+>")
+
+
 @contextmanager
 def _pillow_errors() -> Iterator[None]:
     """Translate what Pillow raises on bad input into our errors, ``from`` the original."""
@@ -345,7 +348,8 @@ def _pillow_errors() -> Iterator[None]:
     except _BOMB_ERRORS as exc:
         raise ImageTooLarge(f"image is too large (decompression bomb guard): {exc}") from exc
     except _DECODE_ERRORS as exc:
-        raise InvalidImage(f"cannot decode image: {exc}") from exc
+        # Pillow names the file object it read ("<_io.BytesIO object at 0x7f...>"): noise
+        raise InvalidImage(f"cannot decode image: {_OBJECT_REPR.sub('', str(exc))}") from exc
 
 
 # --------------------------------------------------------------------------------------
