@@ -54,7 +54,9 @@ def assert_cutout(data: bytes, src: Image.Image, engine: Engine, fmt: str = "PNG
     assert out.format == fmt and out.mode == "RGBA" and out.size == src.size
     expected = engine.predict([src])[0].alpha
     assert np.abs(np.asarray(out)[..., 3].astype(int) - expected.astype(int)).max() <= 1
-    assert np.array_equal(np.asarray(out)[..., :3], np.asarray(src))
+    rgba, seen = np.asarray(out), np.asarray(out)[..., 3] > 0
+    assert np.array_equal(rgba[..., :3][seen], np.asarray(src)[seen])
+    assert not rgba[..., :3][~seen].any()  # files never carry the removed background
 
 
 def assert_mask(data: bytes, src: Image.Image, engine: Engine) -> None:

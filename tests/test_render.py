@@ -40,6 +40,11 @@ def bbox(alpha: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
 
 
+def hidden(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """What files hold: colours zeroed under fully transparent pixels (numpy's where)."""
+    return np.where(alpha[..., None] == 0, 0, rgb).astype(np.uint8)
+
+
 def decode(data: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
@@ -61,7 +66,8 @@ def test_defaults_keep_the_cut_out_as_it_is():
     assert out.mode == "RGBA" and out.encoding == "png" and (out.width, out.height) == (W, H)
     img = decode(out.data)
     assert img.format == "PNG" and img.mode == "RGBA"
-    assert np.array_equal(np.asarray(img), np.dstack([rgb, alpha]))
+    assert np.array_equal(np.asarray(img), np.dstack([hidden(rgb, alpha), alpha]))
+    assert np.array_equal(np.asarray(out.image()), np.dstack([rgb, alpha]))  # as composed
     assert (out.box.left, out.box.top, out.box.width, out.box.height) == bbox(alpha)
 
 
@@ -151,7 +157,9 @@ def test_lossless_webp_keeps_every_value_and_lossy_webp_is_close():
     rgb, alpha = scene(5)
     lossless = decode(render(rgb, alpha, job_options(format="webp")).data)
     assert lossless.format == "WEBP"
-    assert np.array_equal(np.asarray(lossless.convert("RGBA")), np.dstack([rgb, alpha]))
+    assert np.array_equal(
+        np.asarray(lossless.convert("RGBA")), np.dstack([hidden(rgb, alpha), alpha])
+    )
     smooth = np.full_like(rgb, 90)
     lossy = render(smooth, alpha, job_options(format="webp", quality=90))
     got = np.asarray(decode(lossy.data).convert("RGBA")).astype(int)
@@ -181,7 +189,7 @@ def test_crop_is_the_numpy_box_plus_margin_zero_padded(margin):
     my = math.floor(amount * height / 100 + 0.5) if percent else int(amount)
     # independent: pad the RGBA image with zeros by the margin on every side, then slice
     pad = max(mx, my)
-    rgba = np.pad(np.dstack([rgb, alpha]), ((pad, pad), (pad, pad), (0, 0)))
+    rgba = np.pad(np.dstack([hidden(rgb, alpha), alpha]), ((pad, pad), (pad, pad), (0, 0)))
     want = rgba[top + pad - my : top + pad + height + my, left + pad - mx : left + pad + width + mx]
     out = render(rgb, alpha, opts)
     assert np.array_equal(np.asarray(decode(out.data)), want)
@@ -256,7 +264,7 @@ def test_resize_is_premultiplied_lanczos_keeping_aspect(fields, size):
     got = np.asarray(decode(out.data)).astype(np.float64)
     assert got.shape[:2] == (size[1], size[0])
     if size == (W, H):
-        assert np.array_equal(got, np.dstack([rgb, alpha]))
+        assert np.array_equal(got, np.dstack([hidden(rgb, alpha), alpha]))
         return
     colour, a = premultiplied_lanczos(rgb, alpha, size)
     assert np.abs(got[..., 3] - a).max() <= 2.0  # 8-bit passes vs float planes
@@ -483,3 +491,28 @@ def test_every_valid_combination_renders_what_its_record_says(fields, shape, see
     want = None if not (out.alpha >= 8).any() else bbox(out.alpha)
     got = None if out.box is None else (out.box.left, out.box.top, out.box.width, out.box.height)
     assert got == want and out.subject == (want is not None)
+
+
+def test_opaque_compositing_is_exact_for_every_value():
+    """Every (foreground, alpha) pair over several backgrounds: the integer formula."""
+    fg = np.repeat(np.arange(256, dtype=np.uint8), 256).reshape(256, 256)
+    a = np.tile(np.arange(256, dtype=np.uint8), 256).reshape(256, 256)
+    rgb = np.dstack([fg, fg, fg])
+    for value in (0, 1, 127, 128, 254, 255):
+        out = render(rgb, a, job_options(background=f"rgb({value}, {value}, {value})"))
+        want = (fg.astype(int) * a + value * (255 - a.astype(int)) + 127) // 255
+        assert np.array_equal(np.asarray(decode(out.data))[..., 0], want), value
+
+
+def test_files_never_carry_the_removed_background():
+    rgb, alpha = scene(15)
+    assert (alpha == 0).any() and rgb[alpha == 0].any()
+    for fields in ({}, {"format": "webp"}, {"format": "webp", "quality": 90}, {"crop": True}):
+        out = decode(render(rgb, alpha, job_options(**fields)).data).convert("RGBA")
+        rgba = np.asarray(out)
+        under = rgba[..., :3][rgba[..., 3] == 0].astype(int)
+        if "quality" in fields:  # lossy: the codec's ringing from the subject, not the input
+            original = rgb[alpha == 0].astype(int).ravel()
+            assert abs(np.corrcoef(under.ravel(), original)[0, 1]) < 0.2, fields
+        else:
+            assert not under.any(), fields

@@ -5,6 +5,10 @@ image editors composite by default: a JPEG rendered on white here looks exactly 
 transparent PNG placed on a white page, and BEN2's mattes were learnt from images
 composited that way. For an opaque background each channel is
 ``round((fg·a + bg·(255 − a)) / 255)``, computed exactly in integers.
+
+Encoded files never carry the removed background: colours under fully transparent pixels
+are written as 0 (``encode``). The composed arrays keep them, as the reference's PIL images
+do (the adapter's ``remove_background`` returns those).
 """
 
 from __future__ import annotations
@@ -143,13 +147,12 @@ def compose(
         return Composed("L", None, alpha, box)
     if options.background_uri is not None:
         fitted = ImageOps.fit(background.convert("RGB"), size, Image.Resampling.LANCZOS)
-        return Composed("RGB", over_opaque(color, alpha, np.asarray(fitted)), alpha, box)
+        return Composed("RGB", over_opaque(color, alpha, fitted), alpha, box)
     bg = options.background_color
     if bg is None:
         return Composed("RGBA", color, alpha, box)
     if bg[3] == 255:
-        plane = np.empty_like(color)
-        plane[...] = bg[:3]
+        plane = Image.new("RGB", size, bg[:3])
         return Composed("RGB", over_opaque(color, alpha, plane), alpha, box)
     out_rgb, out_alpha = over_color(color, alpha, bg)
     return Composed("RGBA", out_rgb, alpha, box, opacity=out_alpha)
@@ -180,16 +183,13 @@ def render(
 # --- the operations ------------------------------------------------------------------------
 
 
-def over_opaque(fg: np.ndarray, alpha: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """``fg`` with straight alpha over the opaque ``bg`` (both (H, W, 3) uint8), in sRGB:
-    ``(fg·a + bg·(255 − a) + 127) // 255``, which is the exact rounding of the real value
-    (no tie can occur with a denominator of 255)."""
-    a = alpha[..., None].astype(np.uint16)
-    out = fg.astype(np.uint16) * a
-    out += bg.astype(np.uint16) * (255 - a)
-    out += 127
-    out //= 255
-    return out.astype(np.uint8)
+def over_opaque(fg: np.ndarray, alpha: np.ndarray, bg: Image.Image) -> np.ndarray:
+    """``fg`` (H, W, 3) with straight alpha over the opaque RGB image ``bg`` (changed in
+    place), in sRGB: ``round((fg·a + bg·(255 − a)) / 255)``, exactly (no tie can occur with a
+    denominator of 255). Pillow's masked paste computes exactly this, in C, about four
+    times faster than numpy (tests/test_render.py checks every value)."""
+    bg.paste(Image.fromarray(fg, "RGB"), (0, 0), Image.fromarray(alpha, "L"))
+    return np.asarray(bg)
 
 
 def over_color(
