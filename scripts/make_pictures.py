@@ -222,7 +222,9 @@ def shown(result: Rendered) -> np.ndarray:
     if result.mode == "RGB":
         return result.color
     # the alpha channel written (over a semi-transparent colour it is not the matte)
-    return over_opaque(result.color, result.channel, Image.fromarray(checkerboard(result.width, result.height)))
+    return over_opaque(
+        result.color, result.channel, Image.fromarray(checkerboard(result.width, result.height))
+    )
 
 
 @dataclass

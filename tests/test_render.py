@@ -516,3 +516,20 @@ def test_files_never_carry_the_removed_background():
             assert abs(np.corrcoef(under.ravel(), original)[0, 1]) < 0.2, fields
         else:
             assert not under.any(), fields
+
+
+def test_the_readmes_pictures_are_what_render_makes_today():
+    """docs/pictures/ (the README's before/after table) regenerated through ben2q.render
+    and compared pixel by pixel: a change of behaviour must come with new pictures."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, str(root / "scripts" / "make_pictures.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
