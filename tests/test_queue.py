@@ -14,6 +14,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -571,3 +572,36 @@ def test_empty_and_full_subjects(stack, client, engine):
         client.submit(uri, "s3://outputs/opts/", crop=True, mask_threshold=1), timeout=60
     )
     assert full.items[0].subject is True and box_of(full.items[0]) == (0, 0, 1, 1)
+
+
+OPTION_SETS = [
+    {"scale": 0.5, "mask_smooth": True, "format": "auto"},
+    {"mask_threshold": 100, "crop": True, "crop_margin": "20%", "background": "#336699"},
+    {"max_side": 40, "channels": "alpha", "format": "webp"},
+    {"background": "rgb(250, 250, 250)", "format": "png", "scale": 1.5},
+]
+
+
+def test_a_job_renders_exactly_what_the_library_renders(stack, client, engine, make_image):
+    """Every entry point runs the one render step: a queue job's output decodes to the
+    pixels ``ben2q.render`` makes from the engine's own prediction (lossless formats)."""
+    from ben2q.jobs import job_options
+    from ben2q.render import render
+
+    src = make_image(90, 70, seed=33)
+    uri = put(stack, "same/one.png", png_bytes(src))
+    # the worker's own matte (a plain job's mask), so that float differences between this
+    # process and the worker cannot blur the comparison: what is compared is rendering
+    plain = client.wait(client.submit(uri, "s3://outputs/same/", mask=True), timeout=60)
+    matte = np.asarray(read_output(stack, plain.items[0].mask))
+    assert np.abs(matte.astype(int) - engine.predict([src])[0].alpha).max() <= 1
+    pred = SimpleNamespace(rgb=np.asarray(src), alpha=matte)
+    for fields in OPTION_SETS:
+        status = client.wait(client.submit(uri, "s3://outputs/same/", **fields), timeout=60)
+        [item] = status.items
+        assert status.state == "succeeded", (fields, item.error)
+        want = render(pred.rgb, pred.alpha, job_options(**fields))
+        got = read_output(stack, item.output)
+        assert (item.width, item.height, item.format) == (want.width, want.height, want.encoding)
+        assert item.box == want.box and item.bytes == len(want.data)
+        assert np.array_equal(np.asarray(got), np.asarray(Image.open(io.BytesIO(want.data))))
