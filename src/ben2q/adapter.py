@@ -32,7 +32,8 @@ from .errors import BatchFailed, BEN2QError
 from .imageio import ImageSource, decode_image
 from .imageio import load_image as _load_image
 from .jobs import OutputOptions, job_options
-from .render import Composed, Rendered, compose, render
+from .render import Composed, Rendered, compose
+from .render.compose import encoded
 
 
 class BEN2BackgroundRemoverAdapter:
@@ -88,13 +89,7 @@ class BEN2BackgroundRemoverAdapter:
         opts = output_options(options)
         rgb = _load_image(image, settings=self.settings)
         [pred] = self.engine.predict([rgb], refine=refine)
-        return render(
-            pred.rgb,
-            pred.alpha,
-            opts,
-            background=self._background(opts),
-            max_pixels=self.settings.max_image_pixels,
-        )
+        return encoded(self._compose(pred, opts), opts)
 
     def remove_background_batch(
         self,

@@ -168,6 +168,11 @@ def render(
 ) -> Rendered:
     """``compose`` then ``encode``: the output's bytes and its description."""
     composed = compose(rgb, alpha, options, background=background, max_pixels=max_pixels)
+    return encoded(composed, options)
+
+
+def encoded(composed: Composed, options: OutputOptions) -> Rendered:
+    """``composed`` with its bytes in ``options``'s format."""
     data = encode(composed.mode, composed.color, composed.channel, options)
     return Rendered(
         composed.mode,
