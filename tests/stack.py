@@ -36,6 +36,7 @@ def service_env(redis_server, s3_server, **extra: str) -> dict[str, str]:
             "BEN2Q_S3_ENDPOINT_URL": s3_server.url,
             "BEN2Q_MODEL_SPEC": "tiny",
             "BEN2Q_DEVICE": "cpu",
+            "BEN2Q_PRECISION": "float32",  # the conforming path, the same on every CPU
             "BEN2Q_ALLOW_PRIVATE_URLS": "true",  # test receivers and servers live on loopback
             "BEN2Q_MAX_IMAGE_PIXELS": "4000000",
             "BEN2Q_LOG_FORMAT": "text",

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BEN2Q_")}
-    env.update({"BEN2Q_MODEL_SPEC": "tiny", "BEN2Q_DEVICE": "cpu"})
+    env.update({"BEN2Q_MODEL_SPEC": "tiny", "BEN2Q_DEVICE": "cpu", "BEN2Q_PRECISION": "float32"})
     return env
 
 

@@ -34,7 +34,7 @@ LANDSCAPE = FIXTURES / "a_input.png"  # 640 x 427
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BEN2Q_")}
-    env.update({"BEN2Q_MODEL_SPEC": "tiny", "BEN2Q_DEVICE": "cpu"})
+    env.update({"BEN2Q_MODEL_SPEC": "tiny", "BEN2Q_DEVICE": "cpu", "BEN2Q_PRECISION": "float32"})
     return env
 
 
@@ -45,6 +45,7 @@ def _tiny_engine_env():
             mp.delenv(key)
         mp.setenv("BEN2Q_MODEL_SPEC", "tiny")
         mp.setenv("BEN2Q_DEVICE", "cpu")
+        mp.setenv("BEN2Q_PRECISION", "float32")
         yield
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from ben2q.engine import Engine
+from ben2q.engine import Engine, cpu_runs_natively
 from ben2q.model import build_model, deterministic_state_dict
 
 pytestmark = pytest.mark.slow
@@ -89,3 +90,28 @@ def test_refinement_matches_the_reference_on_a_photo(fixtures):
     alpha = _gray(fixtures, "b_photo_alpha.png")
     ours = refine_foreground(rgb, alpha)
     assert_within(ours, np.asarray(_rgb(fixtures, "b_photo_refined_rgb.png")), what="b refined")
+
+
+@pytest.mark.skipif(
+    not cpu_runs_natively(torch.bfloat16),
+    reason="this CPU has no native bfloat16 (auto runs float32 here; emulated bf16 is 4x slower)",
+)
+def test_bfloat16_holds_the_accuracy_gate_on_every_image(fixtures):
+    """What ``auto`` runs on CPUs with native bf16: alpha within ±4 of the float32 reference
+    on at least 99 % of pixels of every golden image (the README quotes the figures)."""
+    model = build_model("base")
+    model.load_state_dict(deterministic_state_dict(model), strict=True)
+    fast = Engine(model, device="cpu", precision="auto")
+    assert fast.dtype == torch.bfloat16
+    names = ["a", "b_photo", "c_portrait", "d_wide"]
+    inputs = {"a": "a_input.png"}
+    images = [_rgb(fixtures, inputs.get(n, f"{n}.png")) for n in names]
+    for name, res in zip(names, fast.predict(images), strict=True):
+        ref = _gray(fixtures, f"{name}_alpha.png")
+        diff = np.abs(res.alpha.astype(np.int16) - ref.astype(np.int16))
+        within = (diff <= 4).mean()
+        print(
+            f"{name} bf16: within ±4 {within:.3%}, within ±1 {(diff <= 1).mean():.3%}, "
+            f"max |Δ| {diff.max()}"
+        )
+        assert within >= 0.99, f"{name}: only {within:.3%} of pixels within ±4 in bf16"

@@ -8,14 +8,42 @@ import torch
 from PIL import Image
 
 from ben2q.config import Settings
-from ben2q.engine import Engine, resolve_device, resolve_precision
+from ben2q.engine import (
+    Engine,
+    PrecisionChoice,
+    choose_precision,
+    resolve_device,
+    resolve_precision,
+)
 from ben2q.errors import InvalidImage
 
 
-def test_precision_and_device_defaults():
-    cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == torch.float32
-    assert resolve_precision("auto", torch.device("cuda")) == torch.float16
+def test_auto_precision_is_bfloat16_where_the_cpu_has_it_and_says_why(monkeypatch):
+    import ben2q.engine as engine_mod
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_precision("auto", cuda) == PrecisionChoice(
+        torch.float16, "auto: float16 autocast on CUDA"
+    )
+    monkeypatch.setattr(engine_mod, "cpu_runs_natively", lambda dtype: True)
+    monkeypatch.setattr(engine_mod, "cpu_matrix_units", lambda: "AMX")
+    native = choose_precision("auto", cpu)
+    assert native == PrecisionChoice(
+        torch.bfloat16, "auto: this CPU computes bfloat16 natively (AMX)"
+    )
+    assert native.name == "bfloat16"
+    monkeypatch.setattr(engine_mod, "cpu_runs_natively", lambda dtype: dtype == torch.float32)
+    plain = choose_precision("auto", cpu)
+    assert plain.dtype == torch.float32 and "no native bfloat16" in plain.reason
+    assert choose_precision("float32", cpu) == PrecisionChoice(torch.float32, "float32 asked for")
+    monkeypatch.undo()
+    # this machine: the real probes
+    units = engine_mod.cpu_matrix_units()
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    assert resolve_precision("auto", cpu) == expected
+    assert units in ("AMX", "AVX512-BF16", "none")
+    if units != "none":
+        assert expected == torch.bfloat16 and units in choose_precision("auto", cpu).reason
 
 
 def test_reduced_precision_on_the_cpu_only_where_it_is_native(monkeypatch, caplog):
@@ -106,6 +134,21 @@ def test_preprocess_rejects_non_rgb_and_warmup_runs(tiny_engine):
     assert tiny_engine.warmup() > 0
     with pytest.raises(ValueError):
         Engine(tiny_engine.model, max_batch=0)
+
+
+def test_warmup_modes_run_the_network_at_the_size_they_name(tiny_engine, monkeypatch):
+    seen: list[tuple[int, ...]] = []
+    real = tiny_engine.forward
+    monkeypatch.setattr(
+        tiny_engine, "forward", lambda batch: seen.append(batch.shape) or real(batch)
+    )
+    size = tiny_engine.spec.input_size
+    assert tiny_engine.warmup("full") > 0
+    assert tiny_engine.warmup("quick") > 0
+    assert tiny_engine.warmup("auto") > 0  # on the CPU: quick
+    assert tiny_engine.warmup("none") == 0.0
+    quarter = (1, 3, size // 4, size // 4)
+    assert seen == [(1, 3, size, size), quarter, quarter]
 
 
 def test_cpu_forwards_one_image_at_a_time_by_default_with_the_same_result(tiny_engine):

@@ -45,7 +45,9 @@ def test_worker_policy_is_late_ack_json_and_sized_prefetch():
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BEN2Q_")}
-    env.update({"BEN2Q_MODEL_SPEC": "tiny", "BEN2Q_DEVICE": "cpu", **extra})
+    env.update(
+        {"BEN2Q_MODEL_SPEC": "tiny", "BEN2Q_DEVICE": "cpu", "BEN2Q_PRECISION": "float32", **extra}
+    )
     return env
 
 

@@ -24,12 +24,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import synthetic_image
 from servers import RedisServer
 from stack import ROOT, Worker
 
 from ben2q.client import Client
 from ben2q.config import Settings
+from ben2q.engine import choose_precision, cpu_runs_natively
 from ben2q.health import EXIT_OUT_OF_SERVICE, WorkerFiles, check_workers
 
 DB = 12  # the session server is shared: this module keeps to its own database
@@ -59,6 +61,7 @@ class Service:
                 "BEN2Q_WEBHOOK_QUEUE": self.queue + "-hooks",
                 "BEN2Q_MODEL_SPEC": "tiny",
                 "BEN2Q_DEVICE": "cpu",
+                "BEN2Q_PRECISION": "float32",
                 "BEN2Q_LOCAL_ROOT": str(self.root),
                 "BEN2Q_HEALTH_DIR": str(self.health),
                 "BEN2Q_HEARTBEAT_INTERVAL": "0.5",
@@ -279,7 +282,8 @@ def test_deaths_with_finished_jobs_in_between_do_not_take_the_worker_out(service
 
 
 def test_liveness_follows_the_main_loop_and_readiness_the_warm_model(service):
-    w = service.worker("w", wait=False, BEN2Q_TEST_FAULT="slow_warmup:4")
+    # precision auto, as in production: the worker says which it chose and why
+    w = service.worker("w", wait=False, BEN2Q_TEST_FAULT="slow_warmup:4", BEN2Q_PRECISION="auto")
     deadline = time.monotonic() + 60
     while not (service.health / f"w@{os.uname().nodename}" / "alive").exists():
         assert time.monotonic() < deadline and w.proc.poll() is None
@@ -291,7 +295,11 @@ def test_liveness_follows_the_main_loop_and_readiness_the_warm_model(service):
     assert ready.returncode == 1 and "not ready" in ready.stdout, ready.stdout
     w.wait_ready()
     ready = health(service, "--ready")
-    assert ready.returncode == 0 and "ready (1 warm: tiny float32 on cpu)" in ready.stdout
+    chosen = choose_precision("auto", torch.device("cpu"))
+    assert chosen.name == ("bfloat16" if cpu_runs_natively(torch.bfloat16) else "float32")
+    expected = f"ready (1 warm: tiny {chosen.name} on cpu)"
+    assert ready.returncode == 0 and expected in ready.stdout, ready.stdout
+    assert f"in {chosen.name} ({chosen.reason})" in w.log.read_text()
 
     files = WorkerFiles(service.health, f"w@{os.uname().nodename}")
     first = files.alive.stat().st_mtime

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Precision = Literal["auto", "float32", "float16", "bfloat16"]
+Warmup = Literal["auto", "full", "quick", "none"]
 
 
 class Settings(BaseSettings):
@@ -36,10 +37,20 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'; default: auto.")
     precision: Precision = Field(
         "auto",
-        description="'auto' is float16 autocast on CUDA and float32 on CPU; reduced "
-        "precision on a CPU without native support for it falls back to float32.",
+        description="'auto' is float16 autocast on CUDA, bfloat16 on a CPU with native "
+        "bfloat16 (AVX512-BF16 or AMX) and float32 on other CPUs; 'float32' is the "
+        "conforming path; reduced precision on a CPU without native support for it falls "
+        "back to float32.",
     )
     max_batch: int = Field(4, ge=1, le=64, description="Images per forward pass at most.")
+    warmup: Warmup = Field(
+        "auto",
+        description="The worker's pass before its first job: 'full' (one forward at the "
+        "model's input size: the device proves it can hold it, the first job pays no "
+        "first-call costs), 'quick' (a forward at a quarter of the side: every kernel "
+        "loads, in a fraction of the time), 'none'; 'auto' is full on CUDA, quick on CPU "
+        "(a full CPU forward would double the time to the first output, see README).",
+    )
     keep_freed_memory: bool = Field(
         False,
         description="CPU: tell glibc malloc to keep freed memory (no page-fault churn on "

@@ -510,19 +510,22 @@ class _ProcessState:
                 from .storage import Storage
 
                 settings: Settings = app.conf.ben2q_settings
+                log.info("loading BEN2 %s", settings.model_spec)
                 engine = Engine.load(settings=settings)
-                seconds = engine.warmup()
+                seconds = engine.warmup(settings.warmup)
                 self.model_info = {
                     "model": engine.spec.name,
                     "device": str(engine.device),
-                    "precision": str(engine.dtype).removeprefix("torch."),
+                    "precision": engine.precision.name,
+                    "precision_reason": engine.precision.reason,
                     "warmup_s": round(seconds, 3),
                 }
                 log.info(
-                    "BEN2 %s ready on %s (%s), warm-up %.2f s",
+                    "BEN2 %s ready on %s in %s (%s), warm-up %.2f s",
                     engine.spec.name,
                     engine.device,
-                    engine.dtype,
+                    engine.precision.name,
+                    engine.precision.reason,
                     seconds,
                 )
                 runner = JobRunner(

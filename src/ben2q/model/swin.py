@@ -267,9 +267,9 @@ class WindowAttention(nn.Module):
         update of the table recompute it (``_load_from_state_dict`` also drops it).
         """
         table = self.relative_position_bias_table
-        if not inference(table) or table.is_inference():
+        if not inference(table) or table.is_inference() or torch.compiler.is_exporting():
             # Autograd must see the bias; a table created in inference mode has no version
-            # counter to notice in-place updates by.
+            # counter to notice in-place updates by; an exporter must see it computed.
             return self._build_masks(groups, dtype)
         key = (
             table.device,

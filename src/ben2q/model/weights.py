@@ -140,9 +140,13 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module) -> 
     return out
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a checkpoint into ``model`` with ``strict=True``; translate mismatches."""
-    state = checkpoint_filter_fn(read_state_dict(path), model)
+def load_weights(
+    model: nn.Module, path: str | Path, *, state: Mapping[str, Tensor] | None = None
+) -> nn.Module:
+    """Load a checkpoint into ``model`` with ``strict=True``; translate mismatches.
+
+    ``state``: the file's state dict when the caller has read it already."""
+    state = checkpoint_filter_fn(read_state_dict(path) if state is None else state, model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
