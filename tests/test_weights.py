@@ -33,6 +33,24 @@ def test_pth_in_the_published_format_loads_strictly(tmp_path, tiny_state):
     assert _same(model, tiny_state)
 
 
+def test_zip_checkpoints_are_memory_mapped_and_legacy_ones_still_load(tmp_path, tiny_state):
+    zipped, legacy = tmp_path / "zip.pth", tmp_path / "legacy.pth"
+    torch.save(tiny_state, zipped)
+    torch.save(tiny_state, legacy, _use_new_zipfile_serialization=False)
+    mapped = read_state_dict(zipped)
+    key = next(iter(tiny_state))
+    assert torch.equal(mapped[key], tiny_state[key])
+
+    def mapped_files() -> str:
+        with open("/proc/self/maps") as maps:
+            return maps.read()
+
+    assert str(zipped) in mapped_files()  # the tensors are the file's pages, not a copy
+    state = read_state_dict(legacy)
+    assert str(legacy) not in mapped_files() and torch.equal(state[key], tiny_state[key])
+    assert _same(load_weights(build_model("tiny"), legacy), tiny_state)
+
+
 def test_safetensors_and_prefixed_keys_load(tmp_path, tiny_state):
     path = tmp_path / "ck.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_state.items()}, str(path))

@@ -31,8 +31,14 @@ def _has_option(argv: Sequence[str], *names: str) -> bool:
 
 
 def worker_argv(passthrough: Sequence[str], *, queues: str | None, gpu: int | None) -> list[str]:
-    """The ``celery worker`` arguments for one ben2q worker."""
-    argv = ["worker", "--pool=prefork", "--concurrency=1"]
+    """The ``celery worker`` arguments for one ben2q worker.
+
+    Without mingle and gossip: mingle waits a second at every start for other workers to
+    send their revoked task ids and clocks, and gossip has every worker consume every other
+    worker's events; ben2q uses neither (cancellation lives in the status store, health in
+    probe files), and an autoscaled worker's start is queue wait (see README, Cold start).
+    """
+    argv = ["worker", "--pool=prefork", "--concurrency=1", "--without-mingle", "--without-gossip"]
     s = get_settings()
     argv.append(f"--queues={queues or f'{s.queue},{s.webhook_queue}'}")
     if not _has_option(passthrough, "--hostname", "-n"):

@@ -510,7 +510,6 @@ class _ProcessState:
                 from .storage import Storage
 
                 settings: Settings = app.conf.ben2q_settings
-                log.info("loading BEN2 %s", settings.model_spec)
                 engine = Engine.load(settings=settings)
                 seconds = engine.warmup(settings.warmup)
                 self.model_info = {

@@ -110,7 +110,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
     except Exception as exc:  # corrupt or hostile file: one clear error
         raise WeightsUnavailable(f"cannot read checkpoint {path}: {exc}") from exc
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
@@ -118,6 +118,18 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping):
         raise WeightsUnavailable(f"checkpoint {path} holds no state dict")
     return dict(obj)
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load`` with ``weights_only``, memory-mapped where the file's format allows
+    (zip checkpoints, torch's default since 1.6): tensors are read straight from the page
+    cache into the model's parameters instead of into a second full copy first."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy format
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
