@@ -133,7 +133,7 @@ def test_preprocess_rejects_non_rgb_and_warmup_runs(tiny_engine):
     assert x[0].min() == 255 and x[1].max() == 0
     assert tiny_engine.warmup() > 0
     with pytest.raises(ValueError):
-        Engine(tiny_engine.model, max_batch=0)
+        Engine(tiny_engine.model, precision="float32", max_batch=0)
 
 
 def test_warmup_modes_run_the_network_at_the_size_they_name(tiny_engine, monkeypatch):
@@ -154,14 +154,16 @@ def test_warmup_modes_run_the_network_at_the_size_they_name(tiny_engine, monkeyp
 def test_cpu_forwards_one_image_at_a_time_by_default_with_the_same_result(tiny_engine):
 
     assert tiny_engine.forward_batch == 1  # CPU default
-    stacked = Engine(tiny_engine.model, device="cpu", max_batch=3, forward_batch=3)
+    stacked = Engine(
+        tiny_engine.model, device="cpu", precision="float32", max_batch=3, forward_batch=3
+    )
     assert stacked.forward_batch == 3
     batch = torch.randint(0, 256, (3, 3, 512, 512), dtype=torch.uint8)
     one_by_one, together = tiny_engine.forward(batch), stacked.forward(batch)
     assert one_by_one.shape == together.shape == (3, 1, 512, 512)
     assert (one_by_one - together).abs().max() < 1e-4
     with pytest.raises(ValueError, match="forward_batch"):
-        Engine(tiny_engine.model, device="cpu", forward_batch=0)
+        Engine(tiny_engine.model, device="cpu", precision="float32", forward_batch=0)
 
 
 def test_a_device_that_is_not_here_is_refused_at_once():
@@ -192,7 +194,7 @@ def test_device_failures_are_told_apart_from_bad_inputs_and_memory():
 def test_the_warm_up_and_later_forwards_translate_device_failures(tiny_engine, monkeypatch):
     from ben2q.errors import DeviceUnavailable
 
-    engine = Engine(tiny_engine.model, device="cpu")
+    engine = Engine(tiny_engine.model, device="cpu", precision="float32")
 
     def out_of_memory(x):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

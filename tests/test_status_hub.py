@@ -218,13 +218,27 @@ def test_bounded_pool_and_many_event_streams(url, raw):
     name = "hub-async-pool"
     jobs = create_jobs(url, 300)
 
+    first_seen = 0
+
     async def follow(store: AsyncStatusStore, job_id: str) -> list[str]:
-        return [s.state async for s in store.events(job_id, timeout=60)]
+        nonlocal first_seen
+        states = []
+        async for s in store.events(job_id, timeout=60):
+            states.append(s.state)
+            first_seen += len(states) == 1
+        return states
 
     async def main() -> list[list[str]]:
         async with AsyncStatusStore(named(url, name), ttl=TTL, max_connections=4) as store:
             tasks = [asyncio.create_task(follow(store, job.id)) for job in jobs]
             await wait_ready(store, len(jobs))
+            # every stream has read its first record (through the 4 connections) before
+            # the jobs move: a stream gives the latest state, so a later first read would
+            # start at "running" (seen once under load)
+            deadline = time.monotonic() + 30
+            while first_seen < len(jobs):
+                assert time.monotonic() < deadline, f"{first_seen} of {len(jobs)} first reads"
+                await asyncio.sleep(0.02)
             await asyncio.to_thread(save_all, url, [advanced(j, "running", 0.5) for j in jobs])
             await asyncio.to_thread(finish_all, url, jobs)
             seen = await asyncio.gather(*tasks)
