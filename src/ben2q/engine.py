@@ -208,7 +208,6 @@ class Engine:
             keep_freed_memory_()
         self.device = resolve_device(device)
         self.precision = choose_precision(precision, self.device)
-        self.dtype = self.precision.dtype
         self.max_batch = max_batch
         if forward_batch is None:
             forward_batch = 1 if self.device.type == "cpu" else max_batch
@@ -273,6 +272,11 @@ class Engine:
                 keep_freed_memory if keep_freed_memory is not None else s.keep_freed_memory
             ),
         )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the network computes in (``precision.dtype``)."""
+        return self.precision.dtype
 
     # --- stages ------------------------------------------------------------------------
 
