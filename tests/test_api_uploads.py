@@ -12,7 +12,7 @@ import pytest
 from apistack import ApiServer, problem, wait_done
 from apistack import photo_image as photo
 from PIL import Image
-from stack import png_bytes
+from stack import Worker, png_bytes
 
 from ben2q.config import Settings
 from ben2q.engine import Engine
@@ -25,17 +25,23 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def small_api(api_stack):
-    """A second API process: 20000 bytes per image, 3 files per request, uploads on
-    ``file://`` storage under the stack's local root (the worker reads them there)."""
+    """A second deployment on the same Redis: an API process with 20000 bytes per image,
+    3 files per request and uploads on ``file://`` storage under the stack's local root,
+    and a worker of its own configuration on its own queue (a worker accepts a key's
+    uploads from the upload location it is configured with, as the API is)."""
     env = {
         **api_stack.env,
+        "BEN2Q_QUEUE": "ben2q-small",
+        "BEN2Q_HEALTH_DIR": str(api_stack.root / ".health-small"),
         "BEN2Q_MAX_IMAGE_BYTES": "20000",
         "BEN2Q_API_MAX_UPLOAD_FILES": "3",
         "BEN2Q_API_UPLOAD_LOCATION": (api_stack.root / "uploads").as_uri() + "/",
     }
+    worker = Worker(env, api_stack.logs / "worker-small.log", name="smallw")
     server = ApiServer(env, api_stack.logs / "api-small.log").start()
     yield server
     server.stop()
+    worker.stop()
 
 
 @pytest.fixture(scope="module")

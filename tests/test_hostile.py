@@ -19,9 +19,12 @@ means). Every case runs
   its good siblings' outputs, that the job was delivered once to the right worker, and
   that its output prefix holds exactly the expected objects. Cases the client refuses
   (``submit_field``) are checked at submit -- nothing enqueued, no record created -- and
-  then sent as raw Celery messages that bypass the client, to check the worker's own
-  guards. Module-wide: the output bucket, the input bucket and the local root hold nothing
-  unexpected, and both workers still run the same child process and serve a later job.
+  then sent as raw Celery messages that bypass the client: the worker's re-check
+  (``ben2q.admission``) refuses each such job whole with ``invalid_request``, opening
+  nothing (``worker_code`` is what the per-item guards below it say;
+  ``tests/test_storage.py`` and ``tests/test_fetch.py`` test those directly). Module-wide:
+  the output bucket, the input bucket and the local root hold nothing unexpected, and
+  both workers still run the same child process and serve a later job.
 
 The only network traffic is to loopback: private, link-local and metadata addresses are
 checked by unit tests of the address guard with the connecting function disabled.
@@ -744,8 +747,11 @@ def item_result(run: QueueRun, job: PlannedJob, index: int) -> object:
 
 
 def expected_outputs(job: PlannedJob) -> set[str]:
-    """What the job must have written: ``<output><job id>/NNNN-<stem>.png`` per success."""
-    outputs = set()
+    """What the job must have written: ``<output><job id>/NNNN-<stem>.png`` per success
+    (nothing for a raw message: the worker's re-check refuses it whole)."""
+    outputs: set[str] = set()
+    if job.raw:
+        return outputs
     for index, case in enumerate(job.slots):
         code = None if case is None else case.worker_expected
         if code is None:
@@ -779,22 +785,32 @@ def test_queue(case: Case, queue_run: QueueRun, ctx, server) -> None:
         expected = ("output", "output") if case.submit_field == "output" else ("inputs[0]", "input")
         assert queue_run.submit_fields[case.name] == expected
         assert job.raw  # what reached the worker came through a raw message
-    # its own code, or its output
-    assert_outcome(
-        item_result(queue_run, job, index), case.worker_expected, case.check, mode="RGBA"
-    )
-    if case.worker_expected is None:
-        assert status.items[index].output == f"{job.output}{job.job_id}/{index:04d}-{case.stem}.png"
-    if case.message:  # refused before anything was opened, and why
-        assert case.message in status.items[index].error.message  # type: ignore[union-attr]
-    # its good batch siblings succeeded (an output case is alone: the output is the hostile
-    # part); every bad input shares its job with at least one good one
-    siblings = [i for i, slot in enumerate(job.slots) if i != index and _is_good(slot)]
-    assert siblings or case.uri_kind == "output" or case.worker_expected is None
-    for i in siblings:
-        slot = job.slots[i]
-        check = check_good if slot is None else slot.check
-        assert_outcome(item_result(queue_run, job, i), None, check, mode="RGBA")
+    if job.raw:
+        # the worker's re-check (ben2q.admission) refuses the raw message whole, by the
+        # client's own rule: every item fails, good siblings too, and nothing is opened
+        assert status.state == "failed" and status.error is not None
+        assert status.error.code == "invalid_request", status.error
+        assert status.error.message.startswith(("inputs[", "output: ")), status.error.message
+        for i in range(len(job.slots)):
+            assert_outcome(item_result(queue_run, job, i), "invalid_request", None, mode="RGBA")
+    else:
+        # its own code, or its output
+        assert_outcome(
+            item_result(queue_run, job, index), case.worker_expected, case.check, mode="RGBA"
+        )
+        if case.worker_expected is None:
+            stem = f"{index:04d}-{case.stem}.png"
+            assert status.items[index].output == f"{job.output}{job.job_id}/{stem}"
+        if case.message:  # refused before anything was opened, and why
+            assert case.message in status.items[index].error.message  # type: ignore[union-attr]
+        # its good batch siblings succeeded (an output case is alone: the output is the
+        # hostile part); every bad input shares its job with at least one good one
+        siblings = [i for i, slot in enumerate(job.slots) if i != index and _is_good(slot)]
+        assert siblings or case.uri_kind == "output" or case.worker_expected is None
+        for i in siblings:
+            slot = job.slots[i]
+            check = check_good if slot is None else slot.check
+            assert_outcome(item_result(queue_run, job, i), None, check, mode="RGBA")
     # delivered once, to the right worker: no crash, no redelivery
     assert status.attempts == 1
     assert status.worker is not None and status.worker.startswith(WORKER_NAMES[case.worker] + "@")

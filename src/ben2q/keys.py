@@ -352,6 +352,13 @@ class KeyStore:
         self.names = names
         self.redis: redis.Redis = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
 
+    @classmethod
+    def on(cls, client: redis.Redis, *, names: KeyNames = NAMES) -> KeyStore:
+        """A store over an existing connection (a worker's status store's)."""
+        store = cls.__new__(cls)
+        store.names, store.redis = names, client
+        return store
+
     def create(
         self,
         name: str,

@@ -10,6 +10,11 @@ batch, and requeue of the batch's messages when the worker child dies.
 
 ``ben2q.batch`` (a batch job) is a plain task with the same policy.
 
+Every delivered request is checked again before any work (``ben2q.admission``): a message
+that skipped the client (the broker is a trust boundary) and breaks its rules or limits
+fails its job with ``invalid_request`` (or ``forbidden`` outside a key's scope) and costs
+nothing else.
+
 Retries: only transient storage errors are retried, with Celery's exponential backoff with
 jitter, by re-sending the job under the same id; items already done are not redone. Bad
 images, missing inputs and refused URLs fail their item at once.
@@ -34,10 +39,12 @@ from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 from pydantic import ValidationError
 
+from .admission import check_request, refuse
 from .broker import TASK_BATCH, TASK_REMOVE, TASK_WEBHOOK
 from .config import Settings
-from .errors import DeviceUnavailable, JobTimeout
-from .jobs import ErrorInfo, JobRequest, JobStatus, WebhookAttempt
+from .errors import BEN2QError, DeviceUnavailable, JobTimeout
+from .jobs import ErrorInfo, JobKind, JobRequest, JobStatus, WebhookAttempt
+from .keys import KeyStore
 from .runner import JobRun, run_jobs
 from .worker import app, guard, leave_service, state, webhook_time_limits
 
@@ -52,6 +59,22 @@ def _parse(kwargs: dict[str, Any]) -> JobRequest | None:
         return JobRequest.model_validate(kwargs.get("request"))
     except ValidationError as exc:  # not ours or corrupted: nothing to record it on
         log.error("dropping a malformed job message: %s", exc)
+        return None
+
+
+def _admit(request: JobRequest | None, kind: JobKind) -> JobRequest | None:
+    """``request`` if it passes the worker's re-check; else its job fails (recorded where
+    that touches no record it does not own) and ``None``."""
+    if request is None:
+        return None
+    store = state.store()
+    try:
+        key = None
+        if request.tenant is not None:
+            key = KeyStore.on(store.redis).get(request.tenant)
+        return check_request(request, settings, expected_kind=kind, key=key)
+    except BEN2QError as exc:
+        refuse(store, request, exc, max_items=settings.max_batch_items, worker=state.hostname)
         return None
 
 
@@ -206,7 +229,9 @@ def _fail_timed_out(kwargs_list: list[dict[str, Any]]) -> None:
 )
 def remove(self: BatchedJobTask, requests: list[SimpleRequest]) -> int:
     """Single-image jobs, several at a time: one shared, batched pass."""
-    parsed = [r for r in (_parse(req.kwargs) for req in requests) if r is not None]
+    parsed = [
+        r for r in (_admit(_parse(req.kwargs), "single") for req in requests) if r is not None
+    ]
     try:
         run_jobs(state.runner(), parsed, timeouts=TIMEOUTS, on_retry=_retry)
     except DeviceUnavailable as exc:
@@ -215,7 +240,20 @@ def remove(self: BatchedJobTask, requests: list[SimpleRequest]) -> int:
 
 
 class BatchJobMessage(Request):
-    """A batch job's delivery; records the job as timed out when the hard limit kills it."""
+    """A batch job's delivery; records the job as timed out when the hard limit kills it.
+
+    Its time limits are the worker's policy (per input, for at most ``max_batch_items``
+    inputs), whatever the message's headers ask for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        body = self.kwargs if isinstance(self.kwargs, dict) else {}
+        request = body.get("request")
+        inputs = request.get("inputs") if isinstance(request, dict) else None
+        n = min(len(inputs), settings.max_batch_items) if isinstance(inputs, list) else 1
+        hard_cap, soft_cap = settings.job_time_limit * n, settings.job_soft_time_limit * n
+        hard, soft = self.time_limits
+        self.time_limits = (min(hard or hard_cap, hard_cap), min(soft or soft_cap, soft_cap))
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         super().on_timeout(soft, timeout)
@@ -237,7 +275,7 @@ class BatchJobMessage(Request):
 )
 def batch(self: Any, request: dict[str, Any]) -> str | None:
     """A batch job: its inputs run in chunks of ``max_batch``, pipelined with I/O."""
-    parsed = _parse({"request": request})
+    parsed = _admit(_parse({"request": request}), "batch")
     if parsed is None:
         return None
     try:

@@ -30,7 +30,9 @@ A :class:`Case` is one way to attack the service and what must come of it:
 * ``expected_code`` is what the producer sees for the item: a stable error code, or ``None``
   for success. Cases with ``submit_field`` are refused by the client before anything is
   enqueued (``InvalidRequest`` naming ``inputs[i]``/``input``/``output``); for those,
-  ``worker_code`` is what happens when a record bypasses the client (a raw Celery message).
+  ``worker_code`` is what the worker's per-item guards say of such an input (defence in
+  depth); a raw Celery message carrying one is refused whole before them, by the worker's
+  re-check of the client's rules (``ben2q.admission``), with ``invalid_request``.
 * ``library_code`` is the library's code where it differs (``SAME`` otherwise): the library
   has no ``s3://`` and no local root (it reads any path its caller gives it: see SECURITY.md).
 * ``check(image)`` asserts a success's output (upright size, RGB) -- on the library's RGBA
@@ -111,8 +113,9 @@ class Case:
 
     @property
     def worker_expected(self) -> str | None:
-        """The item's code once the input reaches a worker (raw message for submit refusals)."""
-        return self.worker_code if self.at_submit else self.expected_code
+        """The item's code once the input reaches a worker (a raw message for submit
+        refusals: the worker's re-check refuses it with the client's rule)."""
+        return "invalid_request" if self.at_submit else self.expected_code
 
     @property
     def library_expected(self) -> str | None:
