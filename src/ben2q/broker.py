@@ -14,6 +14,8 @@ TASK_REMOVE = "ben2q.remove"
 """One image; several pending ones are run as one batched forward by the worker."""
 TASK_BATCH = "ben2q.batch"
 """A batch job: many inputs under one job id."""
+TASK_CHUNK = "ben2q.chunk"
+"""A part of a fanned-out batch job: its inputs ``start`` … ``start + len − 1``."""
 TASK_WEBHOOK = "ben2q.webhook"
 """One delivery attempt of a signed webhook event (its own queue)."""
 
@@ -32,6 +34,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": {
             TASK_REMOVE: {"queue": settings.queue},
             TASK_BATCH: {"queue": settings.queue},
+            TASK_CHUNK: {"queue": settings.queue},
         },
         # Redis redelivers a message nobody acknowledged within this many seconds; it must
         # be longer than the longest job, or a running job is delivered twice (README).

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         "0: it runs at once (jobs arriving while the model is busy are batched anyway).",
     )
     max_batch_items: int = Field(1000, ge=1, description="Inputs of one batch job at most.")
+    batch_chunk: int = Field(
+        16,
+        ge=0,
+        description="A batch job of more inputs fans out into chunks of this many, which "
+        "every worker takes from the queue (0: a batch job runs whole on one worker).",
+    )
     io_threads: int = Field(8, ge=1, le=64, description="Parallel downloads/uploads per worker.")
 
     # --- storage -----------------------------------------------------------------------

@@ -320,6 +320,8 @@ class ItemStatus(BaseModel):
     box: Box | None = None
     """The subject's bounding box in output pixels (None when there is no subject)."""
     error: ErrorInfo | None = None
+    worker: str | None = None
+    """The worker that ran the item (a fanned-out batch job's items spread over many)."""
     duration_ms: float | None = None
     batch_size: int | None = None
     """Images in the forward pass that ran this item (items of other jobs included)."""
@@ -591,13 +593,17 @@ def _safe_stem(uri: str) -> str:
     return safe or "image"
 
 
-def output_uri(request: JobRequest, index: int) -> str:
-    """Where item ``index``'s RGBA output goes (deterministic, see the module docstring)."""
+def output_uri(request: JobRequest, index: int, *, offset: int = 0) -> str:
+    """Where item ``index``'s RGBA output goes (deterministic, see the module docstring).
+
+    ``offset``: ``request`` is the chunk of a batch job whose ``inputs[0]`` is the job's
+    item ``offset`` (the name carries the job's item number)."""
     ext = EXTENSIONS[request.options.encoding]
-    return f"{request.output}{request.id}/{index:04d}-{_safe_stem(request.inputs[index])}.{ext}"
-
-
-def mask_uri(request: JobRequest, index: int) -> str:
-    """Where item ``index``'s grayscale mask goes."""
     stem = _safe_stem(request.inputs[index])
-    return f"{request.output}{request.id}/{index:04d}-{stem}.mask.png"
+    return f"{request.output}{request.id}/{offset + index:04d}-{stem}.{ext}"
+
+
+def mask_uri(request: JobRequest, index: int, *, offset: int = 0) -> str:
+    """Where item ``index``'s grayscale mask goes (``offset`` as in ``output_uri``)."""
+    stem = _safe_stem(request.inputs[index])
+    return f"{request.output}{request.id}/{offset + index:04d}-{stem}.mask.png"

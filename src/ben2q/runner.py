@@ -5,6 +5,11 @@ of one or several jobs and pipelines them: the inputs of the next chunk download
 current chunk is in the model, and outputs upload while the next chunk is in the model.
 Items of different jobs share forward passes (cross-job batching).
 
+A batch job larger than ``BEN2Q_BATCH_CHUNK`` is fanned out by the task layer into chunks
+that any worker takes; ``begin_chunk`` runs one as a ``JobRun`` over the job's items
+``offset …`` only, and every save of such a run is a merge into the job's record
+(``StatusStore.merge_items``): the merge that writes the last item ends the job, once.
+
 Failures are per item. A permanent failure (bad image, missing input, forbidden URL) fails
 that item with its code. A transient one (storage unreachable, a URL answering 5xx or not
 connecting) leaves the item pending and
@@ -59,6 +64,15 @@ class JobRun:
     status: JobStatus
     transient: list[BEN2QError] = field(default_factory=list)
     cancelled: bool = False
+    offset: int | None = None
+    """Set for a chunk of a fanned-out batch job: ``request.inputs`` are the job's items
+    ``offset …``, ``status.items`` those items only (with their job-wide ``index``)."""
+    attempt: int = 1
+    """Deliveries of this job (or of this chunk) so far, this one included."""
+
+    @property
+    def chunk(self) -> bool:
+        return self.offset is not None
 
     @property
     def needs_retry(self) -> bool:
@@ -69,7 +83,13 @@ class JobRun:
 class _Item:
     run: JobRun
     index: int
+    """Into ``run.request.inputs`` and ``run.status.items`` (a chunk's own numbering)."""
     started: float = 0.0
+
+    @property
+    def number(self) -> int:
+        """The item's index in its job (what logs and records say)."""
+        return self.run.status.items[self.index].index
 
 
 class Backgrounds:
@@ -173,12 +193,70 @@ class JobRunner:
             self.finish(JobRun(request, status))
             return None
         self.store.save(status)
-        return JobRun(request, status)
+        return JobRun(request, status, attempt=status.attempts)
+
+    def begin_chunk(self, request: JobRequest, offset: int) -> JobRun | None:
+        """Take the chunk of job ``request.id`` whose first input is the job's item
+        ``offset``; ``None`` if it must not run (job ended, cancelled, gone, or a chunk
+        that does not match the job's record)."""
+        stored, cancel = self.store.get_and_cancel_requested(request.id)
+        if stored is None or stored.done:
+            log.info("chunk %s@%d: job %s; skipped", request.id, offset, stored and stored.state)
+            return None
+        stop = offset + len(request.inputs)
+        if (
+            offset < 0
+            or stop > len(stored.items)
+            or [item.input for item in stored.items[offset:stop]] != request.inputs
+        ):
+            log.error("chunk %s@%d does not match its job's record; dropped", request.id, offset)
+            return None
+        status = stored.model_copy(deep=True)
+        status.items = status.items[offset:stop]
+        run = JobRun(request, status, offset=offset)
+        if cancel:
+            run.cancelled = True
+            self.finish(run)
+            return None
+        run.attempt = self.store.chunk_attempt(request.id, offset)
+        if run.attempt > self.settings.job_max_attempts:
+            error = ErrorInfo(
+                code="internal",
+                message=f"chunk of items {offset}-{stop - 1} was delivered {run.attempt} "
+                "times without finishing (its worker died each time)",
+            )
+            for item in status.items:
+                if item.state != "succeeded":
+                    item.state, item.error = "failed", error
+            self.finish(run)
+            return None
+        return run
+
+    def _merge(self, run: JobRun) -> tuple[JobStatus, bool]:
+        """Write a chunk's items into its job's record; (the record, whether it ended)."""
+        merged, ended = self.store.merge_items(run.request.id, run.status.items)
+        return (merged or run.status), ended
 
     def finish(self, run: JobRun) -> JobStatus:
         """Settle and save the final state (or leave it for a retry)."""
         status = run.status
         now = time.time()
+        if run.chunk:
+            if run.cancelled:
+                for item in status.items:
+                    if item.state in ("pending", "running"):
+                        item.state = "cancelled"
+            merged, ended = self._merge(run)
+            if ended:
+                log.info(
+                    "job %s %s in %.0f ms (its last chunk ended here)",
+                    merged.id,
+                    merged.state,
+                    merged.run_ms or 0,
+                    extra={"job_id": merged.id, "state": merged.state},
+                )
+                self._ended(merged)
+            return merged
         if run.cancelled:
             self._cancel(status, now)
             return status
@@ -213,6 +291,9 @@ class JobRunner:
     def prepare_retry(self, run: JobRun, countdown: float) -> None:
         """Record that the job waits for a retry after transient errors."""
         err = run.transient[-1]
+        if run.chunk:  # the job stays running; the chunk's finished items are kept
+            self._merge(run)
+            return
         run.status.state = "queued"
         run.status.error = ErrorInfo(
             code=err.code, message=f"{err.message}; retrying in {countdown:.1f} s"
@@ -226,11 +307,14 @@ class JobRunner:
             status = run.status
             if status.done:
                 continue
-            status.state = "queued"
-            status.worker = None
             for item in status.items:
                 if item.state == "running":
                     item.state = "pending"
+            if run.chunk:  # its message is redelivered; the job's record stays running
+                self._merge(run)
+                continue
+            status.state = "queued"
+            status.worker = None
             status.error = ErrorInfo(
                 code=error.code,
                 message=f"worker {self.hostname or '?'} left service ({error.message}); "
@@ -313,7 +397,8 @@ class JobRunner:
                 futures.append(None)
                 continue
             item.started = time.perf_counter()
-            item.run.status.items[item.index].state = "running"
+            record = item.run.status.items[item.index]
+            record.state, record.worker = "running", self.hostname or None
             futures.append(self.pool.submit(self._fetch, item))
         return futures
 
@@ -331,7 +416,7 @@ class JobRunner:
             self._item_error(item, exc)
             return None
         except Exception as exc:  # a decoder or storage bug: fail the item, not the run
-            log.exception("input of job %s item %d failed", item.run.request.id, item.index)
+            log.exception("input of job %s item %d failed", item.run.request.id, item.number)
             self._item_error(item, BEN2QError(f"{type(exc).__name__}: {exc}"))
             return None
 
@@ -339,9 +424,10 @@ class JobRunner:
         t0 = time.perf_counter()
         request, record = item.run.request, item.run.status.items[item.index]
         options = request.options
+        offset = item.run.offset or 0
         meta = {
             "job-id": request.id,
-            "item": str(item.index),
+            "item": str(item.number),
             "source": quote(public_uri(request.inputs[item.index]), safe=":/"),
         }
         background = None
@@ -354,11 +440,11 @@ class JobRunner:
             background=background,
             max_pixels=self.settings.max_image_pixels,
         )
-        target = output_uri(request, item.index)
+        target = output_uri(request, item.index, offset=offset)
         self.storage.write(target, out.data, content_type=out.content_type, metadata=meta)
         mask_target = None
         if options.mask:
-            mask_target = mask_uri(request, item.index)
+            mask_target = mask_uri(request, item.index, offset=offset)
             self.storage.write(
                 mask_target, encode_matte(out.alpha), content_type="image/png", metadata=meta
             )
@@ -383,7 +469,7 @@ class JobRunner:
             except Exception as exc:  # an encoder or storage bug: fail the item, not the worker
                 if not fut.done() or fut.exception() is not exc:
                     raise  # the wait itself was interrupted (the soft time limit): not the item's
-                log.exception("upload of job %s item %d failed", item.run.request.id, item.index)
+                log.exception("upload of job %s item %d failed", item.run.request.id, item.number)
                 self._item_error(item, BEN2QError(f"{type(exc).__name__}: {exc}"))
 
     def _item_error(self, item: _Item, exc: BEN2QError) -> None:
@@ -397,9 +483,9 @@ class JobRunner:
         log.info(
             "job %s item %d failed: %s",
             item.run.request.id,
-            item.index,
+            item.number,
             exc.code,
-            extra={"job_id": item.run.request.id, "item": item.index, "code": exc.code},
+            extra={"job_id": item.run.request.id, "item": item.number, "code": exc.code},
         )
 
     def _checkpoint(self, runs: Sequence[JobRun], *, final: bool = False) -> None:
@@ -415,6 +501,9 @@ class JobRunner:
             if self.store.cancel_requested(status.id):
                 run.cancelled = True
                 log.info("job %s cancelled while running", status.id)
+            elif run.chunk:
+                merged, _ = self._merge(run)
+                self._notify(merged, "progress")
             else:
                 self.store.save(status)
                 self._notify(status, "progress")
@@ -444,6 +533,37 @@ def run_jobs(
     retry budget is spent (then the transient errors fail their items).
     """
     runs = [r for r in (runner.begin(req) for req in requests) if r is not None]
+    results = run_begun(runner, runs, deadline=deadline, timeouts=timeouts, on_retry=on_retry)
+    return [results.get(req.id) for req in requests]
+
+
+def run_chunk(
+    runner: JobRunner,
+    request: JobRequest,
+    offset: int,
+    *,
+    deadline: float | None = None,
+    timeouts: tuple[type[BaseException], ...] = (JobTimeout,),
+    on_retry: Callable[[JobRun], float | None] | None = None,
+) -> JobStatus | None:
+    """``run_jobs`` for one chunk of a fanned-out batch job (see ``begin_chunk``); returns
+    the job's record after the chunk's merge (None: the chunk did not run)."""
+    run = runner.begin_chunk(request, offset)
+    if run is None:
+        return None
+    results = run_begun(runner, [run], deadline=deadline, timeouts=timeouts, on_retry=on_retry)
+    return results.get(request.id)
+
+
+def run_begun(
+    runner: JobRunner,
+    runs: list[JobRun],
+    *,
+    deadline: float | None = None,
+    timeouts: tuple[type[BaseException], ...] = (JobTimeout,),
+    on_retry: Callable[[JobRun], float | None] | None = None,
+) -> dict[str, JobStatus]:
+    """Run begun jobs (or chunks) and finish each; their records by job id."""
     failure: BEN2QError | None = None
     try:
         runner.run(runs, deadline=deadline)
@@ -470,4 +590,4 @@ def run_jobs(
                 results[run.request.id] = run.status
                 continue
         results[run.request.id] = runner.give_up(run) if run.transient else runner.finish(run)
-    return [results.get(req.id) for req in requests]
+    return results

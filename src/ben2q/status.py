@@ -5,6 +5,9 @@ Layout (``Keys``)::
     ben2q:job:{id}       the JobStatus JSON, SET ... EX status_ttl (refreshed on every save)
     ben2q:events:{id}    pub/sub channel: the same JSON is PUBLISHed on every save
     ben2q:cancel:{id}    "1" once a cancel was requested, EX status_ttl
+    ben2q:chunks:{id}    hash of a fanned-out batch job: ``sent:{start}`` once its chunk
+                         starting at item ``start`` is on the queue, ``attempts:{start}``
+                         deliveries of that chunk so far; EX status_ttl
 
 ``StatusStore`` (sync, ``redis``) and ``AsyncStatusStore`` (``redis.asyncio``) have the
 same methods and do only I/O; key naming, (de)serialization, the cancel transition and
@@ -46,7 +49,7 @@ from .eventhub import (
     decode,
     reread_interval,
 )
-from .jobs import TERMINAL_STATES, JobStatus
+from .jobs import TERMINAL_STATES, ItemStatus, JobStatus
 
 __all__ = [
     "Keys",
@@ -85,6 +88,9 @@ class Keys:
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
 
+    def chunks(self, job_id: str) -> str:
+        return f"{self.prefix}:chunks:{job_id}"
+
     @property
     def workers(self) -> str:
         """Sorted set: image workers by the time of their last heartbeat."""
@@ -114,6 +120,41 @@ def cancelled(status: JobStatus, now: float | None = None) -> JobStatus | None:
         if item.state in ("pending", "running"):
             item.state = "cancelled"
     return new
+
+
+ITEM_ENDED = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def merged(
+    status: JobStatus, items: list[ItemStatus], *, cancel: bool, now: float
+) -> tuple[JobStatus, bool]:
+    """``status`` with ``items`` (a chunk's, placed by their ``index``) written in; once every
+    item has ended, the job ends too: ``cancelled`` if a cancel was asked for, else as
+    ``settle`` decides. Returns the record and whether this merge ended the job.
+
+    An item that has ended in the record is never moved back to pending or running (a
+    stale or redelivered chunk must not undo another's work)."""
+    if status.done:
+        return status, False
+    for item in items:
+        if not 0 <= item.index < len(status.items):
+            raise ValueError(f"item {item.index} is not in job {status.id}")
+        current = status.items[item.index]
+        if current.state in ITEM_ENDED and item.state not in ITEM_ENDED:
+            continue
+        status.items[item.index] = item
+    ended = sum(1 for item in status.items if item.state in ITEM_ENDED)
+    status.progress = round(ended / len(status.items), 4) if status.items else 1.0
+    if ended < len(status.items):
+        return status, False
+    if cancel:
+        status.state, status.progress = "cancelled", 1.0
+    else:
+        status.settle()
+    status.finished_at = now
+    if status.started_at:
+        status.run_ms = round((now - status.started_at) * 1000, 3)
+    return status, True
 
 
 def _order(status: JobStatus) -> tuple[int, int, int, float]:
@@ -341,6 +382,60 @@ class StatusStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.keys.cancel(job_id)))
+
+    def merge_items(
+        self, job_id: str, items: list[ItemStatus], *, now: float | None = None
+    ) -> tuple[JobStatus | None, bool]:
+        """Write a chunk's ``items`` into the job's record atomically (see ``merged``; WATCH
+        retry, so chunks ending together on many workers never lose each other's items)
+        and publish it. Returns ``(record, ended_here)``: exactly one merge, the one that
+        writes the last item, ends the job; ``(None, False)`` if the record is gone."""
+        key = self.keys.job(job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key, self.keys.cancel(job_id))
+                    raw = pipe.get(key)
+                    if raw is None:
+                        pipe.unwatch()
+                        return None, False
+                    cancel = bool(pipe.exists(self.keys.cancel(job_id)))
+                    status = decode(raw)
+                    if status.done:
+                        pipe.unwatch()
+                        return status, False
+                    status, ended = merged(
+                        status, items, cancel=cancel, now=time.time() if now is None else now
+                    )
+                    data = encode(status)
+                    pipe.multi()
+                    pipe.set(key, data, ex=self.ttl)
+                    pipe.publish(self.keys.events(job_id), data)
+                    pipe.execute()
+                    return status, ended
+                except WatchError:
+                    continue
+
+    def chunk_attempt(self, job_id: str, start: int) -> int:
+        """Count one more delivery of the chunk starting at ``start``; the count so far."""
+        name = self.keys.chunks(job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(name, f"attempts:{start}", 1)
+            pipe.expire(name, self.ttl)
+            attempts, _ = pipe.execute()
+        return int(attempts)
+
+    def chunks_sent(self, job_id: str) -> set[int]:
+        """Starts of the chunks of a fanned-out job already on the queue."""
+        fields = self.redis.hkeys(self.keys.chunks(job_id))
+        return {int(f.decode().removeprefix("sent:")) for f in fields if f.startswith(b"sent:")}
+
+    def chunk_sent(self, job_id: str, start: int) -> None:
+        name = self.keys.chunks(job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(name, f"sent:{start}", "1")
+            pipe.expire(name, self.ttl)
+            pipe.execute()
 
     def worker_seen(
         self, name: str, *, now: float | None = None, forget_after: float = 3600

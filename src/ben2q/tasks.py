@@ -8,7 +8,13 @@ is busy, arriving jobs collect and run together as soon as it is free (up to
 with what plain Celery tasks have and it lacks: soft and hard time limits for the flushed
 batch, and requeue of the batch's messages when the worker child dies.
 
-``ben2q.batch`` (a batch job) is a plain task with the same policy.
+``ben2q.batch`` (a batch job) is a plain task with the same policy. A batch job of more
+than ``BEN2Q_BATCH_CHUNK`` inputs fans out: the task records it running and puts one
+``ben2q.chunk`` message per chunk on the queue (each marked sent in Redis, so a redelivered
+batch message sends only what is missing), and every worker takes chunks. Chunks merge
+their items into the job's record atomically; the one that writes the last item ends the
+job and sends its final webhook. A redelivered or retried chunk skips the items already
+recorded done (their outputs sit at deterministic keys).
 
 Every delivered request is checked again before any work (``ben2q.admission``): a message
 that skipped the client (the broker is a trust boundary) and breaks its rules or limits
@@ -40,13 +46,13 @@ from celery_batches.trace import apply_batches_task
 from pydantic import ValidationError
 
 from .admission import check_request, refuse
-from .broker import TASK_BATCH, TASK_REMOVE, TASK_WEBHOOK
+from .broker import TASK_BATCH, TASK_CHUNK, TASK_REMOVE, TASK_WEBHOOK
 from .config import Settings
 from .errors import BEN2QError, DeviceUnavailable, JobTimeout
 from .jobs import ErrorInfo, JobKind, JobRequest, JobStatus, WebhookAttempt
 from .keys import KeyStore
-from .runner import JobRun, run_jobs
-from .worker import app, guard, leave_service, state, webhook_time_limits
+from .runner import JobRun, run_chunk, run_jobs
+from .worker import app, guard, leave_service, notify, state, webhook_time_limits
 
 log = logging.getLogger(__name__)
 settings: Settings = app.conf.ben2q_settings
@@ -80,13 +86,23 @@ def _admit(request: JobRequest | None, kind: JobKind) -> JobRequest | None:
 
 def _retry(run: JobRun) -> float | None:
     """Re-send a job after transient errors; None when its attempts are spent."""
-    attempt = run.status.attempts
+    attempt = run.attempt
     if attempt >= settings.job_max_attempts:
         return None
     countdown = get_exponential_backoff_interval(
         factor=1, retries=attempt, maximum=settings.retry_backoff_max, full_jitter=True
     )
     countdown = max(countdown, 0.5)
+    if run.chunk:
+        _send_chunk(run.request, run.offset or 0, countdown=countdown)
+        log.info(
+            "job %s chunk %d: transient error, retry %d in %.1f s",
+            run.request.id,
+            run.offset,
+            attempt,
+            countdown,
+        )
+        return countdown
     name = TASK_REMOVE if run.request.kind == "single" else TASK_BATCH
     app.send_task(
         name,
@@ -199,8 +215,50 @@ class BatchedJobTask(Batches):
         )
 
 
+def _send_chunk(request: JobRequest, start: int, *, countdown: float | None = None) -> None:
+    app.send_task(
+        TASK_CHUNK,
+        kwargs={"request": request.model_dump(mode="json"), "start": start},
+        task_id=f"{request.id}-{start}",
+        countdown=countdown,
+        queue=settings.queue,
+        ignore_result=True,
+    )
+
+
+def _fan_out(request: JobRequest, size: int) -> str | None:
+    """Record the batch job running and put its chunks on the queue (those not sent yet:
+    a redelivered batch message completes an interrupted fan-out, nothing more)."""
+    store = state.store()
+    sent = store.chunks_sent(request.id)
+    if not sent:
+        if state.runner().begin(request) is None:  # ended, cancelled, or out of attempts
+            return None
+    else:
+        stored = store.get(request.id)
+        if stored is None or stored.done:
+            return None
+    starts = range(0, len(request.inputs), size)
+    for start in starts:
+        if start in sent:
+            continue
+        piece = request.model_copy(update={"inputs": request.inputs[start : start + size]})
+        _send_chunk(piece, start)
+        store.chunk_sent(request.id, start)
+    log.info(
+        "job %s: %d items fanned out in %d chunks of %d",
+        request.id,
+        len(request.inputs),
+        len(starts),
+        size,
+        extra={"job_id": request.id},
+    )
+    return "fanned_out"
+
+
 def _fail_timed_out(kwargs_list: list[dict[str, Any]]) -> None:
-    """In the parent, after the hard limit killed the child: fail those jobs ``timeout``."""
+    """In the parent, after the hard limit killed the child: fail those jobs ``timeout``
+    (a chunk: its items, ending the job if they were its last)."""
     store = state.store()
     for kwargs in kwargs_list:
         request = _parse(kwargs)
@@ -209,6 +267,16 @@ def _fail_timed_out(kwargs_list: list[dict[str, Any]]) -> None:
             continue
         err = JobTimeout("the job was killed at its hard time limit")
         info = ErrorInfo(**err.to_dict())
+        start = kwargs.get("start")
+        if isinstance(start, int) and request is not None:
+            items = status.items[start : start + len(request.inputs)]
+            for item in items:
+                if item.state != "succeeded":
+                    item.state, item.error = "failed", info
+            merged, ended = store.merge_items(request.id, items)
+            if ended and merged is not None:
+                notify(merged, "final")
+            continue
         for item in status.items:
             if item.state != "succeeded":
                 item.state, item.error = "failed", info
@@ -278,10 +346,34 @@ def batch(self: Any, request: dict[str, Any]) -> str | None:
     parsed = _admit(_parse({"request": request}), "batch")
     if parsed is None:
         return None
+    if settings.batch_chunk and len(parsed.inputs) > settings.batch_chunk:
+        return _fan_out(parsed, settings.batch_chunk)
     try:
         [status] = run_jobs(state.runner(), [parsed], timeouts=TIMEOUTS, on_retry=_retry)
     except DeviceUnavailable as exc:
         leave_service(exc)  # exits this process: the job is requeued (reject_on_worker_lost)
+    return status.state if status else None
+
+
+@app.task(
+    name=TASK_CHUNK,
+    Request=BatchJobMessage,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def chunk(self: Any, request: dict[str, Any], start: int) -> str | None:
+    """One chunk of a fanned-out batch job: the job's items ``start …``."""
+    parsed = _admit(_parse({"request": request}), "batch")
+    if parsed is None:
+        return None
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        log.error("job %s: a chunk message with start %r; dropped", parsed.id, start)
+        return None
+    try:
+        status = run_chunk(state.runner(), parsed, start, timeouts=TIMEOUTS, on_retry=_retry)
+    except DeviceUnavailable as exc:
+        leave_service(exc)  # exits this process: the chunk is requeued (reject_on_worker_lost)
     return status.state if status else None
 
 
