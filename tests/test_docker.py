@@ -206,7 +206,7 @@ def test_workers_consume_their_queues_and_are_health_checked_for_readiness(servi
             assert flag_value(command, "--pool") == "threads"
             assert flag_value(command, "--concurrency") == "16"
         else:  # model workers leave webhook deliveries to the webhooks service
-            assert queues == settings.queue, name
+            assert queues == f"{settings.queue},{settings.batch_queue}", name
     assert services["worker-cpu"]["environment"]["BEN2Q_DEVICE"] == "cpu"
 
 

@@ -19,7 +19,7 @@ def test_worker_argv_defaults_and_passthrough():
     argv = worker_argv([], queues=None, gpu=None)
     assert argv[:3] == ["worker", "--pool=prefork", "--concurrency=1"]
     assert "--without-mingle" in argv and "--without-gossip" in argv  # a second at start
-    assert "--queues=ben2q,ben2q-webhooks" in argv and "--hostname=ben2q@%h" in argv
+    assert "--queues=ben2q-webhooks,ben2q,ben2q-batch" in argv and "--hostname=ben2q@%h" in argv
     pinned = worker_argv(["--loglevel", "INFO"], queues="a,b", gpu=2)
     assert "--hostname=gpu2@%h" in pinned and "--queues=a,b" in pinned
     assert pinned[-2:] == ["--loglevel", "INFO"]

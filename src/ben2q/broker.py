@@ -34,11 +34,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": {
             TASK_REMOVE: {"queue": settings.queue},
             TASK_BATCH: {"queue": settings.queue},
-            TASK_CHUNK: {"queue": settings.queue},
+            TASK_CHUNK: {"queue": settings.batch_queue},
         },
         # Redis redelivers a message nobody acknowledged within this many seconds; it must
         # be longer than the longest job, or a running job is delivered twice (README).
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        # Queues are read in the order a worker lists them (--queues): webhook deliveries
+        # (short), single-image jobs, then batch chunks, so chunks never hold back a job.
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            "queue_order_strategy": "priority",
+        },
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "broker_connection_retry_on_startup": True,
         "task_ignore_result": True,  # job records live in ben2q.status, not in Celery results

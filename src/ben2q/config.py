@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         None, description="Status/result store; default: the broker URL."
     )
     queue: str = Field("ben2q", description="Queue of the image jobs.")
+    batch_queue: str = Field(
+        "ben2q-batch",
+        description="Queue of the chunks of fanned-out batch jobs; workers take from it only "
+        "when the image-job queue is empty.",
+    )
     visibility_timeout: int = Field(
         3600,
         ge=10,

@@ -476,13 +476,15 @@ def serve_exporter(
 ) -> None:
     """Serve the metrics until interrupted (blocking).
 
-    ``queues`` default to the image queue (``Settings().queue``) and ``ben2q-webhooks``;
+    ``queues`` default to the image and batch-chunk queues (``Settings().queue``,
+    ``Settings().batch_queue``) and ``ben2q-webhooks``;
     their lengths are read from ``broker_url`` (default ``redis_url``).
     """
     if queues is None:
         from .config import Settings
 
-        queues = (Settings().queue, WEBHOOK_QUEUE)
+        settings = Settings()
+        queues = (settings.queue, settings.batch_queue, WEBHOOK_QUEUE)
     exporter = make_exporter(
         redis_url, port=port, addr=addr, queues=queues, broker_url=broker_url, prefix=prefix
     )
@@ -516,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="QUEUE",
-        help=f"queues to report (default: BEN2Q_QUEUE and {WEBHOOK_QUEUE}); also comma-separated",
+        help=f"queues to report (default: BEN2Q_QUEUE, BEN2Q_BATCH_QUEUE and {WEBHOOK_QUEUE}); "
+        "also comma-separated",
     )
     parser.add_argument("--prefix", default=PREFIX, help="Redis key prefix (default %(default)s)")
     parser.add_argument("--log-format", choices=("json", "text"), default="json")
@@ -535,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     redis_url = args.broker or settings.status_url
     broker_url = args.queue_broker or args.broker or settings.broker_url
     if args.queues is None:
-        queues = [settings.queue, WEBHOOK_QUEUE]
+        queues = [settings.queue, settings.batch_queue, WEBHOOK_QUEUE]
     else:
         queues = [q for arg in args.queues for q in arg.split(",") if q]
     try:

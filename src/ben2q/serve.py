@@ -22,12 +22,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import get_settings
+from .config import Settings, get_settings
 from .health import EXIT_OUT_OF_SERVICE
 
 
 def _has_option(argv: Sequence[str], *names: str) -> bool:
     return any(a == n or a.startswith(n + "=") for a in argv for n in names)
+
+
+def default_queues(s: Settings) -> str:
+    """What a worker consumes, in order of precedence: webhook deliveries (short), image
+    jobs, then batch chunks (``queue_order_strategy=priority`` reads them in this order)."""
+    return f"{s.webhook_queue},{s.queue},{s.batch_queue}"
 
 
 def worker_argv(passthrough: Sequence[str], *, queues: str | None, gpu: int | None) -> list[str]:
@@ -40,7 +46,7 @@ def worker_argv(passthrough: Sequence[str], *, queues: str | None, gpu: int | No
     """
     argv = ["worker", "--pool=prefork", "--concurrency=1", "--without-mingle", "--without-gossip"]
     s = get_settings()
-    argv.append(f"--queues={queues or f'{s.queue},{s.webhook_queue}'}")
+    argv.append(f"--queues={queues or default_queues(s)}")
     if not _has_option(passthrough, "--hostname", "-n"):
         name = f"gpu{gpu}" if gpu is not None else "ben2q"
         argv.append(f"--hostname={name}@%h")

@@ -38,6 +38,7 @@ from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+from celery.exceptions import Reject
 from celery.utils.time import get_exponential_backoff_interval
 from celery.worker import state as worker_state
 from celery.worker.request import Request
@@ -137,6 +138,8 @@ class BatchedJobTask(Batches):
 
     _inflight = 0
     _inflight_lock = threading.Lock()
+    _marked = 0.0
+    """When this worker last marked buffered jobs in Redis (0: not marked)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -158,7 +161,14 @@ class BatchedJobTask(Batches):
         # small batches behind it; when idle, flush at once.
         busy = self._inflight or worker_state.active_requests  # a batch job counts too
         if busy and self._buffer.qsize() < self.flush_every:
+            now = time.monotonic()
+            if self._buffer.qsize() and now - self._marked > 5.0:  # the mark lives 10 s
+                state.mark_jobs_buffered(True)  # chunks about to start step aside (``chunk``)
+                self._marked = now
             return
+        if self._marked:
+            state.mark_jobs_buffered(False)
+            self._marked = 0.0
         super()._do_flush()
 
     def _done(self) -> None:
@@ -221,7 +231,7 @@ def _send_chunk(request: JobRequest, start: int, *, countdown: float | None = No
         kwargs={"request": request.model_dump(mode="json"), "start": start},
         task_id=f"{request.id}-{start}",
         countdown=countdown,
-        queue=settings.queue,
+        queue=settings.batch_queue,
         ignore_result=True,
     )
 
@@ -363,7 +373,15 @@ def batch(self: Any, request: dict[str, Any]) -> str | None:
     reject_on_worker_lost=True,
 )
 def chunk(self: Any, request: dict[str, Any], start: int) -> str | None:
-    """One chunk of a fanned-out batch job: the job's items ``start …``."""
+    """One chunk of a fanned-out batch job: the job's items ``start …``.
+
+    A worker holds up to its prefetch of messages, which may all be chunks while single
+    jobs arrive on the job queue it reads first; so a chunk about to start while single
+    jobs wait goes back to the batch queue (``Reject(requeue=True)``, before any work or
+    attempt is counted), the freed prefetch slot takes a single job, and the chunk runs
+    later here or on another worker."""
+    if state.jobs_waiting():
+        raise Reject("single-image jobs are waiting; the chunk goes back to its queue", True)
     parsed = _admit(_parse({"request": request}), "batch")
     if parsed is None:
         return None

@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -120,9 +121,13 @@ def worker_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": restore_interval(settings),
             "unacked_restore_throttle": 1,
         },
-        # A plain worker consumes jobs and webhook deliveries; production may split them
-        # with --queues.
-        "task_queues": [Queue(settings.queue), Queue(settings.webhook_queue)],
+        # A plain worker consumes webhook deliveries, jobs and batch chunks, in that order of
+        # precedence (see broker.celery_config); production may split them with --queues.
+        "task_queues": [
+            Queue(settings.webhook_queue),
+            Queue(settings.queue),
+            Queue(settings.batch_queue),
+        ],
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
@@ -335,7 +340,7 @@ def consumes_model_jobs(app: Celery) -> bool:
     """Whether this worker takes image jobs (a webhook-only worker needs no model)."""
     settings: Settings = app.conf.ben2q_settings
     selected = getattr(app.amqp.queues, "consume_from", None) or app.amqp.queues
-    return settings.queue in selected
+    return settings.queue in selected or settings.batch_queue in selected
 
 
 class ModelReady(bootsteps.StartStopStep):
@@ -498,6 +503,7 @@ class _ProcessState:
         self.hostname = os.environ.get("BEN2Q_WORKER_NAME", "")
         self._runner = None
         self._store = None
+        self._broker = None
         self.model_info: dict[str, Any] = {}
 
     def runner(self):
@@ -539,6 +545,51 @@ class _ProcessState:
                 runner.warmup()
                 self._runner = runner
             return self._runner
+
+    def _broker_redis(self):
+        settings: Settings = app.conf.ben2q_settings
+        if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+            return None
+        if self._broker is None:
+            import redis
+
+            self._broker = redis.Redis.from_url(settings.broker_url, socket_timeout=5)
+        return self._broker
+
+    @staticmethod
+    def _waiting_key(parent_pid: int) -> str:
+        return f"ben2q:waiting:{socket.gethostname()}:{parent_pid}"
+
+    def mark_jobs_buffered(self, buffered: bool) -> None:
+        """In the worker's main process: say (in Redis, for its pool process) whether
+        single-image jobs wait in its batch buffer behind the running task."""
+        client = self._broker_redis()
+        if client is None:
+            return
+        try:
+            if buffered:
+                client.set(self._waiting_key(os.getpid()), "1", px=10_000)
+            else:
+                client.delete(self._waiting_key(os.getpid()))
+        except Exception:  # the broker hiccups: chunks then just run in order
+            log.warning("could not mark buffered jobs", exc_info=True)
+
+    def jobs_waiting(self) -> bool:
+        """In a pool process: whether single-image jobs wait, on the job queue or in this
+        worker's batch buffer (Redis brokers; else False)."""
+        settings: Settings = app.conf.ben2q_settings
+        client = self._broker_redis()
+        if client is None:
+            return False
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                pipe.llen(settings.queue)
+                pipe.exists(self._waiting_key(os.getppid()))
+                queued, buffered = pipe.execute()
+            return bool(queued or buffered)
+        except Exception:  # the broker hiccups: run the chunk rather than fail it
+            log.warning("could not read the length of queue %s", settings.queue, exc_info=True)
+            return False
 
     def store(self):
         """The status store (also used by the parent process for time-limit failures)."""
