@@ -287,6 +287,7 @@ class ServiceGuard:
         self.last_exit: int | None = None
         self.leaving = False
         self.exitcode: int | None = None
+        self.pool: Any = None
 
     def attach(self, files: WorkerFiles, max_failures: int) -> None:
         self.files, self.max_failures = files, max_failures
@@ -296,14 +297,35 @@ class ServiceGuard:
             self.files.beat()
 
     def job_finished(self) -> None:
-        """A job ran to its end on the model: the deaths before it were not in a row."""
+        """A job ran to its end on the model: the deaths before it were not in a row.
+
+        Deaths the heartbeat has not seen yet happened before this job ended (its process
+        replaced the dead one), so they are counted first, then forgiven with the rest."""
+        if self.pool is not None:
+            self._count_deaths(pool_processes(self.pool))
         self.deaths = 0
 
-    def watch(self, processes: list[Any]) -> None:
+    def watch(self, processes: list[Any], pool: Any = None) -> None:
         self.known = {p.pid: p for p in processes if p.pid}
+        if pool is not None:
+            self.pool = pool
 
     def observe(self, processes: list[Any]) -> str | None:
         """The reason to leave service, if there is one now."""
+        self._count_deaths(processes)
+        if self.files is None:
+            return None
+        reason = self.files.failure()
+        if reason is None and self.deaths >= self.max_failures:
+            reason = (
+                f"its pool process died {self.deaths} times in a row without finishing a job "
+                f"(last: {describe_exit(self.last_exit)}); see the log above"
+            )
+            self.files.mark_failed(reason)
+        return reason
+
+    def _count_deaths(self, processes: list[Any]) -> None:
+        """Count the pool processes gone since the last look (each one died)."""
         current = {p.pid: p for p in processes if p.pid}
         for pid, proc in self.known.items():
             if pid not in current:
@@ -318,16 +340,6 @@ class ServiceGuard:
                     self.deaths,
                 )
         self.known = current
-        if self.files is None:
-            return None
-        reason = self.files.failure()
-        if reason is None and self.deaths >= self.max_failures:
-            reason = (
-                f"its pool process died {self.deaths} times in a row without finishing a job "
-                f"(last: {describe_exit(self.last_exit)}); see the log above"
-            )
-            self.files.mark_failed(reason)
-        return reason
 
 
 guard = ServiceGuard()
@@ -401,7 +413,7 @@ class ModelReady(bootsteps.StartStopStep):
                 files.beat()  # waiting for the model is being alive
                 next_beat = time.monotonic() + settings.heartbeat_interval
             time.sleep(0.05)
-        guard.watch(procs)
+        guard.watch(procs, parent.pool)
 
     def _leave(self, reason: str) -> None:
         assert self.files is not None
