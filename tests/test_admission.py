@@ -31,8 +31,8 @@ def forged(**fields: object) -> JobRequest:
     base: dict[str, object] = {
         "id": new_job_id(),
         "kind": "batch",
-        "inputs": ["s3://inputs/a.png"],
-        "output": "s3://outputs/",
+        "inputs": ["s3://adm-in/a.png"],
+        "output": "s3://adm-out/",
         "submitted_at": time.time(),
     }
     return JobRequest.model_validate({**base, **fields})
@@ -43,9 +43,9 @@ def key(**fields: object) -> ApiKey:
         "id": "0123456789abcdef",
         "name": "tenant-a",
         "hash": "0" * 64,
-        "input_prefixes": ["s3://inputs/tenant-a/"],
+        "input_prefixes": ["s3://adm-in/tenant-a/"],
         "allow_urls": False,
-        "output_prefix": "s3://outputs/tenant-a/",
+        "output_prefix": "s3://adm-out/tenant-a/",
         "created_at": 0.0,
     }
     return ApiKey.model_validate({**base, **fields})
@@ -55,19 +55,19 @@ SETTINGS = Settings(max_batch_items=10, api_upload_location="s3://uploads/")
 
 
 def test_a_request_the_client_would_build_passes():
-    request = make_request("batch", ["s3://inputs/a.png", "s3://inputs/b.png"], "s3://out/")
+    request = make_request("batch", ["s3://adm-in/a.png", "s3://adm-in/b.png"], "s3://out/")
     assert check_request(request, SETTINGS, expected_kind="batch") is request
 
 
 @pytest.mark.parametrize(
     ("fields", "field", "message"),
     [
-        ({"inputs": [f"s3://inputs/{i}.png" for i in range(11)]}, "inputs", "at most 10"),
-        ({"inputs": ["s3://inputs/ok.png", "gopher://x/y"]}, "inputs[1]", "scheme"),
-        ({"inputs": ["s3://inputs/../../etc/passwd"]}, "inputs[0]", "'..'"),
+        ({"inputs": [f"s3://adm-in/{i}.png" for i in range(11)]}, "inputs", "at most 10"),
+        ({"inputs": ["s3://adm-in/ok.png", "gopher://x/y"]}, "inputs[1]", "scheme"),
+        ({"inputs": ["s3://adm-in/../../etc/passwd"]}, "inputs[0]", "'..'"),
         ({"inputs": ["file:///etc/passwd"]}, "inputs[0]", "local root"),
         ({"output": "file:///tmp/anywhere/"}, "output", "local root"),
-        ({"output": "s3://outputs/../x/"}, "output", "'..'"),
+        ({"output": "s3://adm-out/../x/"}, "output", "'..'"),
         ({"inputs": []}, "inputs", "at least one"),
         ({"webhook_url": "ftp://example.com/hook"}, "webhook_url", "http"),
         (
@@ -87,7 +87,7 @@ def test_a_job_sent_to_the_other_task_is_refused():
     with pytest.raises(InvalidRequest) as err:
         check_request(forged(kind="batch"), SETTINGS, expected_kind="single")
     assert err.value.field == "kind"
-    two = forged(kind="single", inputs=["s3://inputs/a.png", "s3://inputs/b.png"])
+    two = forged(kind="single", inputs=["s3://adm-in/a.png", "s3://adm-in/b.png"])
     with pytest.raises(InvalidRequest, match="exactly one input"):
         check_request(two, SETTINGS, expected_kind="single")
 
@@ -96,21 +96,21 @@ def test_a_tenant_job_stays_inside_its_key_scope():
     k = key()
     ok = forged(
         tenant=k.id,
-        inputs=["s3://inputs/tenant-a/x.png", f"s3://uploads/{k.id}/job/0000-y.png"],
-        output="s3://outputs/tenant-a/run/",
+        inputs=["s3://adm-in/tenant-a/x.png", f"s3://uploads/{k.id}/job/0000-y.png"],
+        output="s3://adm-out/tenant-a/run/",
     )
     assert check_request(ok, SETTINGS, key=k) is ok
     cases = [
-        ({"inputs": ["s3://inputs/tenant-b/x.png"]}, "inputs[0]"),  # another tenant's data
+        ({"inputs": ["s3://adm-in/tenant-b/x.png"]}, "inputs[0]"),  # another tenant's data
         ({"inputs": ["s3://uploads/fedcba9876543210/j/0-x.png"]}, "inputs[0]"),  # their upload
         ({"inputs": ["https://example.com/x.png"]}, "inputs[0]"),  # URLs not allowed
-        ({"output": "s3://outputs/tenant-b/"}, "output"),
-        ({"options": {"background": "s3://inputs/tenant-b/bg.png"}}, "background"),
+        ({"output": "s3://adm-out/tenant-b/"}, "output"),
+        ({"options": {"background": "s3://adm-in/tenant-b/bg.png"}}, "background"),
     ]
     base = {
         "tenant": k.id,
-        "inputs": ["s3://inputs/tenant-a/x.png"],
-        "output": "s3://outputs/tenant-a/",
+        "inputs": ["s3://adm-in/tenant-a/x.png"],
+        "output": "s3://adm-out/tenant-a/",
     }
     for fields, field in cases:
         with pytest.raises(ScopeError) as err:
@@ -119,7 +119,7 @@ def test_a_tenant_job_stays_inside_its_key_scope():
     with pytest.raises(ScopeError, match="no API key"):  # a tenant that does not exist
         check_request(forged(tenant=k.id), SETTINGS, key=None)
     small = key(max_batch=2)  # the key's own batch limit holds too
-    three = forged(**{**base, "inputs": [f"s3://inputs/tenant-a/{i}.png" for i in range(3)]})
+    three = forged(**{**base, "inputs": [f"s3://adm-in/tenant-a/{i}.png" for i in range(3)]})
     with pytest.raises(InvalidRequest, match="at most 2"):
         check_request(three, SETTINGS, key=small)
 
@@ -134,10 +134,10 @@ def stack(redis_server, s3_server, tmp_path_factory):
         redis_server,
         s3_server,
         BEN2Q_BROKER_URL=db_url,
-        BEN2Q_API_OUTPUT_LOCATION="s3://outputs/api/",
-        BEN2Q_API_UPLOAD_LOCATION="s3://outputs/uploads/",
+        BEN2Q_API_OUTPUT_LOCATION="s3://adm-out/api/",
+        BEN2Q_API_UPLOAD_LOCATION="s3://adm-out/uploads/",
     )
-    for bucket in ("inputs", "outputs"):
+    for bucket in ("adm-in", "adm-out"):
         s3_server.create_bucket(bucket)
     settings = settings_of(env)
     store = StatusStore(settings.status_url, ttl=3600)
@@ -186,12 +186,12 @@ def raw_request(**fields: object) -> dict:
 
 def test_an_over_limit_raw_batch_is_refused_and_a_good_job_runs_promptly(stack, make_image):
     limit = stack["settings"].max_batch_items
-    big = raw_request(inputs=[f"s3://inputs/many/{i}.png" for i in range(5 * limit)])
+    big = raw_request(inputs=[f"s3://adm-in/many/{i}.png" for i in range(5 * limit)])
     t0 = time.monotonic()
     job_id = send(stack, TASK_BATCH, big, time_limit=10**6, soft_time_limit=10**6)
-    stack["s3"].put_object(Bucket="inputs", Key="good.png", Body=png_bytes(make_image(64, 48)))
+    stack["s3"].put_object(Bucket="adm-in", Key="good.png", Body=png_bytes(make_image(64, 48)))
     with Client(settings=stack["settings"]) as client:
-        good = client.submit("s3://inputs/good.png", output="s3://outputs/good/")
+        good = client.submit("s3://adm-in/good.png", output="s3://adm-out/good/")
         status = client.wait(good, timeout=60)
     assert status.state == "succeeded"
     assert time.monotonic() - t0 < 30  # the forgery cost the worker nothing
@@ -221,14 +221,14 @@ def test_raw_messages_that_break_the_rules_fail_their_job_with_the_field(stack):
 def test_a_forged_tenant_job_stays_in_scope_and_cannot_touch_another_record(stack):
     store: StatusStore = stack["store"]
     keys = KeyStore.on(store.redis)
-    victim, _ = keys.create("victim", input_prefixes=["s3://inputs/victim/"])
-    attacker, _ = keys.create("attacker", input_prefixes=["s3://inputs/attacker/"])
-    own_out = f"s3://outputs/api/{attacker.id}/"
+    victim, _ = keys.create("victim", input_prefixes=["s3://adm-in/victim/"])
+    attacker, _ = keys.create("attacker", input_prefixes=["s3://adm-in/attacker/"])
+    own_out = f"s3://adm-out/api/{attacker.id}/"
     # the attacker's key, reading the victim's inputs: refused, recorded as forbidden
     reach = send(
         stack,
         TASK_BATCH,
-        raw_request(tenant=attacker.id, inputs=["s3://inputs/victim/secret.png"], output=own_out),
+        raw_request(tenant=attacker.id, inputs=["s3://adm-in/victim/secret.png"], output=own_out),
     )
     status = wait_record(store, reach)
     assert status.error.code == "forbidden" and status.error.message.startswith("inputs[0]")
@@ -238,8 +238,8 @@ def test_a_forged_tenant_job_stays_in_scope_and_cannot_touch_another_record(stac
         TASK_BATCH,
         raw_request(
             tenant=attacker.id,
-            inputs=["s3://inputs/attacker/x.png"],
-            output=f"s3://outputs/api/{victim.id}/",
+            inputs=["s3://adm-in/attacker/x.png"],
+            output=f"s3://adm-out/api/{victim.id}/",
         ),
     )
     assert wait_record(store, write).error.message.startswith("output")
@@ -249,8 +249,8 @@ def test_a_forged_tenant_job_stays_in_scope_and_cannot_touch_another_record(stac
     # a forged message reusing the id of the victim's queued job leaves its record alone
     victim_job = make_request(
         "batch",
-        ["s3://inputs/victim/a.png"],
-        f"s3://outputs/api/{victim.id}/",
+        ["s3://adm-in/victim/a.png"],
+        f"s3://adm-out/api/{victim.id}/",
         tenant=victim.id,
     )
     store.create(JobStatus.queued(victim_job))
@@ -260,7 +260,7 @@ def test_a_forged_tenant_job_stays_in_scope_and_cannot_touch_another_record(stac
         raw_request(
             id=victim_job.id,
             tenant=attacker.id,
-            inputs=["s3://inputs/victim/a.png"],
+            inputs=["s3://adm-in/victim/a.png"],
             output=own_out,
         ),
     )
