@@ -177,6 +177,14 @@ def submit(fleet, n: int, **kw):
     )
 
 
+def wait_progress(client: Client, job, fraction: float, timeout: float = 60) -> None:
+    """Wait until at least ``fraction`` of the job's items have ended."""
+    deadline = time.monotonic() + timeout
+    while client.get(job).progress < fraction:
+        assert time.monotonic() < deadline, f"progress below {fraction} after {timeout} s"
+        time.sleep(0.02)
+
+
 def assert_outputs_once(fleet, status: JobStatus) -> None:
     done = [i for i in status.items if i.state == "succeeded"]
     expected = sorted(f"{status.id}/{i.index:04d}-{'pq'[i.index % 2]}.png" for i in done)
@@ -207,10 +215,7 @@ def test_single_jobs_overtake_queued_chunks(fleet):
     not for the rest of the batch."""
     client = fleet["client"]
     job = submit(fleet, 240)
-    deadline = time.monotonic() + 60
-    while client.get(job).progress < 0.05:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_progress(client, job, 0.05)
     latencies = []
     for _ in range(2):
         t0 = time.monotonic()
@@ -246,10 +251,7 @@ def test_a_bad_item_fails_alone_and_the_job_is_partial(fleet):
 def test_cancel_stops_the_chunks_not_yet_done(fleet):
     client = fleet["client"]
     job = submit(fleet, 160)
-    deadline = time.monotonic() + 60
-    while client.get(job).progress < 0.1:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_progress(client, job, 0.1)
     client.cancel(job)
     status = client.wait(job, timeout=60)
     assert status.state == "cancelled"
@@ -268,10 +270,7 @@ def test_a_worker_killed_mid_batch_leaves_every_item_done_once(fleet):
     visibility timeout; items it recorded done are not redone, the job ends once."""
     client = fleet["client"]
     job = submit(fleet, 96)
-    deadline = time.monotonic() + 60
-    while client.get(job).progress < 0.2:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_progress(client, job, 0.2)
     victim = fleet["workers"]["wb"]
     victim.kill()
     status = client.wait(job, timeout=VT + 150)
