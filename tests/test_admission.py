@@ -136,6 +136,7 @@ def stack(redis_server, s3_server, tmp_path_factory):
         BEN2Q_BROKER_URL=db_url,
         BEN2Q_API_OUTPUT_LOCATION="s3://adm-out/api/",
         BEN2Q_API_UPLOAD_LOCATION="s3://adm-out/uploads/",
+        BEN2Q_MAX_BATCH_ITEMS="1000",  # the forgery below: five times this
     )
     for bucket in ("adm-in", "adm-out"):
         s3_server.create_bucket(bucket)

@@ -48,32 +48,32 @@ def test_merges_end_the_job_exactly_once_whatever_their_order():
     chunks = [(0, 2), (4, 6), (2, 4)]
     ends = []
     for start, stop in chunks:
-        status, ended = merged(
+        status, _, ended = merged(
             status, items(status, start, stop, "succeeded"), cancel=False, now=110.0
         )
         ends.append(ended)
     assert ends == [False, False, True]
     assert status.state == "succeeded" and status.progress == 1.0 and status.run_ms == 10000.0
-    again, ended = merged(status, items(status, 0, 2, "succeeded"), cancel=False, now=120.0)
+    again, _, ended = merged(status, items(status, 0, 2, "succeeded"), cancel=False, now=120.0)
     assert not ended and again.finished_at == 110.0  # a redelivered chunk changes nothing
 
 
 def test_an_ended_item_is_never_moved_back_and_progress_counts_ended_items():
     status = record(4)
-    status, _ = merged(status, items(status, 0, 2, "succeeded"), cancel=False, now=1.0)
+    status, _, _ = merged(status, items(status, 0, 2, "succeeded"), cancel=False, now=1.0)
     stale = items(status, 0, 4, "running")  # a redelivered chunk's first save
-    status, ended = merged(status, stale, cancel=False, now=2.0)
+    status, _, ended = merged(status, stale, cancel=False, now=2.0)
     assert [i.state for i in status.items] == ["succeeded", "succeeded", "running", "running"]
     assert status.progress == 0.5 and not ended
     failed = items(status, 2, 4, "failed")
-    status, ended = merged(status, failed, cancel=False, now=3.0)
+    status, _, ended = merged(status, failed, cancel=False, now=3.0)
     assert ended and status.state == "partial"
 
 
 def test_a_cancelled_job_ends_cancelled_keeping_what_was_done():
     status = record(4)
-    status, _ = merged(status, items(status, 0, 2, "succeeded"), cancel=True, now=1.0)
-    status, ended = merged(status, items(status, 2, 4, "cancelled"), cancel=True, now=2.0)
+    status, _, _ = merged(status, items(status, 0, 2, "succeeded"), cancel=True, now=1.0)
+    status, _, ended = merged(status, items(status, 2, 4, "cancelled"), cancel=True, now=2.0)
     assert ended and status.state == "cancelled"
     assert [i.state for i in status.items] == ["succeeded"] * 2 + ["cancelled"] * 2
     with pytest.raises(ValueError):

@@ -111,13 +111,15 @@ def refuse(
         status = stored
     else:
         status = JobStatus.queued(request)
-        if len(request.inputs) > max_items:
-            status.items = []
+        if len(request.inputs) > max_items:  # counted, not listed
+            status.items, status.items_apart = [], True
     for item in status.items:
         if item.state != "succeeded":
             item.state, item.error = "failed", info
     now = time.time()
     status.state, status.error = "failed", info
+    if not status.whole and status.counts is not None:
+        status.counts.failed = status.counts.total - status.counts.succeeded
     status.progress = 1.0
     status.worker = worker
     status.attempts += 1

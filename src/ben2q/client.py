@@ -18,6 +18,12 @@ Then ``get`` returns the record (``NotFound`` for unknown or expired ids), ``eve
 yields each update until a terminal state, ``wait`` returns the terminal record (builtin
 ``TimeoutError`` if it takes longer than ``timeout``), and ``cancel`` cancels a queued job
 at once or flags a running one (its worker stops at the next item).
+
+A job of more than ``INLINE_ITEMS`` inputs keeps its items apart from its summary
+(``JobStatus.items_apart``): its events carry the summary and the items that just changed;
+``get``/``wait`` assemble the whole record unless asked for the summary (``items=False``);
+``items``/``iter_items`` page through them (a 100,000-item catalogue need not be read at
+once).
 """
 
 from __future__ import annotations
@@ -34,13 +40,25 @@ from typing import TYPE_CHECKING, Any
 from .broker import TASK_BATCH, TASK_REMOVE, celery_config
 from .config import Settings, get_settings
 from .errors import NotFound
-from .jobs import ErrorInfo, JobKind, JobRequest, JobStatus, OutputOptions, make_request
+from .jobs import (
+    ErrorInfo,
+    ItemStatus,
+    JobKind,
+    JobRequest,
+    JobStatus,
+    OutputOptions,
+    make_request,
+)
 from .status import AsyncStatusStore, StatusStore
 
 if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ["Job", "BaseClient", "Client", "AsyncClient"]
+
+
+PAGE = 1000
+"""Items per page of ``items``/``iter_items`` by default (the API's largest page too)."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,18 @@ class BaseClient:
         if status is None:
             raise NotFound(f"no job {job_id!r} (unknown or expired)")
         return status
+
+    @staticmethod
+    def _found_items(items: list[ItemStatus] | None, job_id: str) -> list[ItemStatus]:
+        if items is None:
+            raise NotFound(f"no job {job_id!r} (unknown or expired)")
+        return items
+
+    @staticmethod
+    def _reread(last: JobStatus, items: bool | int) -> bool:
+        """Whether ``wait`` must read the record again for the items asked for (the last
+        event of a job that keeps items apart is a summary)."""
+        return last.items_apart and items is not False
 
     @staticmethod
     def _send_failed(status: JobStatus, exc: BaseException) -> JobStatus:
@@ -229,10 +259,24 @@ class Client(BaseClient):
             raise
         return self._job(request)
 
-    def get(self, job_id: str | Job) -> JobStatus:
-        """The job's record; ``NotFound`` if unknown or expired."""
+    def get(self, job_id: str | Job, *, items: bool | int = True) -> JobStatus:
+        """The job's record; ``NotFound`` if unknown or expired. ``items``: of a job that
+        keeps them apart, read all (True), none (False: the summary) or all if at most that
+        many."""
         job_id = self._job_id(job_id)
-        return self._found(self.store.get(job_id), job_id)
+        return self._found(self.store.get(job_id, items=items), job_id)
+
+    def items(self, job_id: str | Job, *, start: int = 0, limit: int = PAGE) -> list[ItemStatus]:
+        """Items ``start … start + limit - 1`` of a job (fewer at its end)."""
+        job_id = self._job_id(job_id)
+        return self._found_items(self.store.get_items(job_id, start, start + limit), job_id)
+
+    def iter_items(self, job_id: str | Job, *, page: int = PAGE) -> Iterator[ItemStatus]:
+        """Every item of a job, read ``page`` at a time."""
+        start = 0
+        while batch := self.items(job_id, start=start, limit=page):
+            yield from batch
+            start += len(batch)
 
     def events(self, job_id: str | Job, timeout: float | None = None) -> Iterator[JobStatus]:
         """The record now, then each update until a terminal state.
@@ -241,12 +285,17 @@ class Client(BaseClient):
         subscription (``eventhub.EventHub``)."""
         return self.store.events(self._job_id(job_id), timeout=timeout)
 
-    def wait(self, job_id: str | Job, timeout: float | None = None) -> JobStatus:
-        """The terminal record; builtin ``TimeoutError`` after ``timeout`` seconds."""
+    def wait(
+        self, job_id: str | Job, timeout: float | None = None, *, items: bool | int = True
+    ) -> JobStatus:
+        """The terminal record; builtin ``TimeoutError`` after ``timeout`` seconds.
+        ``items`` as for ``get`` (an event of a job that keeps items apart is a summary)."""
         last: JobStatus | None = None
         for last in self.events(job_id, timeout=timeout):  # noqa: B007
             pass
         assert last is not None and last.done
+        if self._reread(last, items):
+            return self.get(last.id, items=items)
         return last
 
     def cancel(self, job_id: str | Job) -> JobStatus:
@@ -359,15 +408,30 @@ class AsyncClient(BaseClient):
             raise
         return self._job(request)
 
-    async def get(self, job_id: str | Job) -> JobStatus:
+    async def get(self, job_id: str | Job, *, items: bool | int = True) -> JobStatus:
         job_id = self._job_id(job_id)
-        return self._found(await self.store.get(job_id), job_id)
+        return self._found(await self.store.get(job_id, items=items), job_id)
+
+    async def items(
+        self, job_id: str | Job, *, start: int = 0, limit: int = PAGE
+    ) -> list[ItemStatus]:
+        job_id = self._job_id(job_id)
+        return self._found_items(await self.store.get_items(job_id, start, start + limit), job_id)
+
+    async def iter_items(self, job_id: str | Job, *, page: int = PAGE) -> AsyncIterator[ItemStatus]:
+        start = 0
+        while batch := await self.items(job_id, start=start, limit=page):
+            for item in batch:
+                yield item
+            start += len(batch)
 
     def events(self, job_id: str | Job, timeout: float | None = None) -> AsyncIterator[JobStatus]:
         """``async for status in client.events(job):`` until a terminal state."""
         return self.store.events(self._job_id(job_id), timeout=timeout)
 
-    async def wait(self, job_id: str | Job, timeout: float | None = None) -> JobStatus:
+    async def wait(
+        self, job_id: str | Job, timeout: float | None = None, *, items: bool | int = True
+    ) -> JobStatus:
         """The terminal record. Any number of concurrent waits share one subscription and
         batch their reads (``eventhub.AsyncEventHub``): a few connections in all."""
         last: JobStatus | None = None
@@ -377,6 +441,8 @@ class AsyncClient(BaseClient):
             async for last in stream:  # noqa: B007
                 pass
         assert last is not None and last.done
+        if self._reread(last, items):
+            return await self.get(last.id, items=items)
         return last
 
     async def cancel(self, job_id: str | Job) -> JobStatus:

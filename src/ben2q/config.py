@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         description="How long a job reaching an idle worker waits for companions (ms); "
         "0: it runs at once (jobs arriving while the model is busy are batched anyway).",
     )
-    max_batch_items: int = Field(1000, ge=1, description="Inputs of one batch job at most.")
+    max_batch_items: int = Field(100_000, ge=1, description="Inputs of one batch job at most.")
     batch_chunk: int = Field(
         16,
         ge=0,

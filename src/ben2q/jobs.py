@@ -39,6 +39,12 @@ CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 MAX_SIDE = 16384
 """The largest ``max_side`` (and the side any output may have: WebP's own limit)."""
+INLINE_ITEMS = 16
+"""Records of jobs with more items keep them apart (``JobStatus.items_apart``): each save
+then writes the summary and the items that changed, not the whole list."""
+ITEMS_SHOWN = 1000
+"""Whole records (the API's job, a final webhook) carry the items of jobs with at most this
+many; beyond, ``items`` is empty and readers page (``GET /v1/jobs/{id}/items``)."""
 MAX_MARGIN_PX = 10_000
 MAX_MARGIN_PERCENT = 100.0
 TRANSPARENT = ("none", "transparent")
@@ -333,6 +339,30 @@ class ItemStatus(BaseModel):
     """Encoding and writing the output (and the mask)."""
 
 
+class ItemCounts(BaseModel):
+    """How many of a job's items have ended, and how (pending and running: the rest)."""
+
+    total: int
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+    @property
+    def ended(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
+
+    def add(self, state: str, n: int = 1) -> None:
+        if state in ("succeeded", "failed", "cancelled"):
+            setattr(self, state, getattr(self, state) + n)
+
+    @classmethod
+    def of(cls, items: Sequence[ItemStatus]) -> ItemCounts:
+        counts = cls(total=len(items))
+        for item in items:
+            counts.add(item.state)
+        return counts
+
+
 class WebhookAttempt(BaseModel):
     """One delivery attempt of one webhook event, as recorded on the job."""
 
@@ -380,6 +410,12 @@ class JobStatus(BaseModel):
     """The API key id that made the job (see ``JobRequest.tenant``)."""
     expires_at: float | None = None
     """Outputs are available until then (epoch seconds), when retention applies."""
+    counts: ItemCounts | None = None
+    """Items ended so far, by outcome (None only in records written before it existed)."""
+    items_apart: bool = False
+    """The items are stored apart from this summary (a job of more than ``INLINE_ITEMS``).
+    Then events carry only the items that changed, and a whole record (``Client.get``; the
+    API up to ``ITEMS_SHOWN`` items) is assembled on reading; page the rest."""
 
     @property
     def done(self) -> bool:
@@ -388,10 +424,13 @@ class JobStatus(BaseModel):
     @classmethod
     def queued(cls, request: JobRequest) -> JobStatus:
         """The first record of a freshly submitted job."""
+        n = len(request.inputs)
         return cls(
             id=request.id,
             kind=request.kind,
             items=[ItemStatus(index=i, input=uri) for i, uri in enumerate(request.inputs)],
+            counts=ItemCounts(total=n),
+            items_apart=n > INLINE_ITEMS,
             options=request.options,
             output=request.output,
             created_at=request.submitted_at,
@@ -402,17 +441,38 @@ class JobStatus(BaseModel):
             expires_at=request.expires_at,
         )
 
+    @property
+    def whole(self) -> bool:
+        """Whether ``items`` holds every item of the job (not a summary or an event)."""
+        return self.counts is None or len(self.items) == self.counts.total
+
+    def recount(self) -> JobStatus:
+        """Derive ``counts`` from ``items`` (a whole record only)."""
+        if self.whole:
+            self.counts = ItemCounts.of(self.items)
+        return self
+
+    def summary(self) -> JobStatus:
+        """This record without its items (what is stored of a job that keeps them apart)."""
+        return self.model_copy(update={"items": []})
+
     def settle(self) -> JobStatus:
-        """Derive the final state from the items: all good, some good, or none."""
-        ok = sum(1 for item in self.items if item.state == "succeeded")
-        if ok == len(self.items):
+        """Derive the final state from the items: all good, some good, or none (from the
+        counts where the record holds only some items)."""
+        self.recount()
+        if self.counts is not None:
+            ok, total = self.counts.succeeded, self.counts.total
+        else:
+            ok, total = sum(1 for item in self.items if item.state == "succeeded"), len(self.items)
+        if ok == total:
             self.state = "succeeded"
         elif ok:
             self.state = "partial"
         else:
             self.state = "failed"
-            if self.error is None and self.items and self.items[0].error is not None:
-                self.error = self.items[0].error
+            first = next((item.error for item in self.items if item.error is not None), None)
+            if self.error is None and first is not None:
+                self.error = first
         self.progress = 1.0
         return self
 
@@ -517,7 +577,7 @@ def make_request(
     options: object = None,
     webhook_url: object = None,
     webhook_events: object = ("final",),
-    max_items: int = 1000,
+    max_items: int = 100_000,
     local_root: str | None = None,
     job_id: str | None = None,
     tenant: str | None = None,

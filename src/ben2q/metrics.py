@@ -197,9 +197,21 @@ class _Tally:
         self.buckets[hist][hist.field(value)] += 1
         self.sums[hist] += value
 
-    def add(self, status: JobStatus, worker: str) -> None:
+    def add(self, status: JobStatus, worker: str, *, chunk: bool = False) -> None:
+        """Count a finished job, or (``chunk``) the items of a fanned-out job's chunk. A job
+        known by its summary (items kept apart) is counted without them: its chunks count
+        those."""
+        if chunk:
+            self._items(status)
+            return
         self.counters["jobs_total"][_labels(status.kind, status.state)] += 1
         self.counters["worker_jobs_total"][_labels(worker or status.worker or "unknown")] += 1
+        if status.whole:  # a summary's items are counted by the chunks that ran them
+            self._items(status)
+        if status.queue_wait_ms is not None:
+            self.observe(QUEUE_WAIT_SECONDS, max(0.0, status.queue_wait_ms) / 1000)
+
+    def _items(self, status: JobStatus) -> None:
         for item in status.items:
             code = item.error.code if item.error is not None and item.state == "failed" else ""
             self.counters["items_total"][_labels(item.state, code)] += 1
@@ -207,8 +219,6 @@ class _Tally:
                 self.observe(ITEM_SECONDS, item.duration_ms / 1000)
             if item.batch_size is not None:
                 self.observe(BATCH_SIZE, item.batch_size)
-        if status.queue_wait_ms is not None:
-            self.observe(QUEUE_WAIT_SECONDS, max(0.0, status.queue_wait_ms) / 1000)
 
     def write(self, pipe: Any, prefix: str) -> None:
         for suffix, counts in self.counters.items():
@@ -251,7 +261,13 @@ class MetricsRecorder:
         """Count one finished job and its items (one Redis round trip)."""
         self.record_jobs([status], worker=worker)
 
-    def record_jobs(self, statuses: Iterable[JobStatus], *, worker: str) -> None:
+    def record_chunk(self, status: JobStatus, *, worker: str) -> None:
+        """Count the items of a fanned-out job's chunk (``status.items``: the chunk's)."""
+        self.record_jobs([status], worker=worker, chunk=True)
+
+    def record_jobs(
+        self, statuses: Iterable[JobStatus], *, worker: str, chunk: bool = False
+    ) -> None:
         """Count several finished jobs (a cross-job batch) in one round trip."""
         try:
             statuses = list(statuses)
@@ -263,7 +279,7 @@ class MetricsRecorder:
                     return
             tally = _Tally()
             for status in statuses:
-                tally.add(status, worker)
+                tally.add(status, worker, chunk=chunk)
             with self.redis.pipeline(transaction=True) as pipe:
                 tally.write(pipe, self.prefix)
                 pipe.execute()

@@ -35,7 +35,7 @@ from .config import Settings
 from .engine import Engine, Prediction, is_out_of_memory
 from .errors import BEN2QError, DeviceUnavailable, ImageTooLarge, JobTimeout, StorageError
 from .imageio import decode_image
-from .jobs import ErrorInfo, JobRequest, JobStatus, mask_uri, output_uri
+from .jobs import ErrorInfo, ItemStatus, JobRequest, JobStatus, mask_uri, output_uri
 from .metrics import MetricsRecorder
 from .png import encode_png
 from .render import encode_matte, render
@@ -69,6 +69,19 @@ class JobRun:
     ``offset …``, ``status.items`` those items only (with their job-wide ``index``)."""
     attempt: int = 1
     """Deliveries of this job (or of this chunk) so far, this one included."""
+    written: dict[int, str] = field(default_factory=dict)
+    """Item index -> its JSON as last written, where items are kept apart (a save then
+    writes only the items that changed since)."""
+
+    def changed(self) -> list[ItemStatus]:
+        """Items that changed since they were last written; noted as written now."""
+        changed = []
+        for item in self.status.items:
+            data = item.model_dump_json()
+            if self.written.get(item.index) != data:
+                self.written[item.index] = data
+                changed.append(item)
+        return changed
 
     @property
     def chunk(self) -> bool:
@@ -163,9 +176,11 @@ class JobRunner:
 
     # --- job lifecycle -------------------------------------------------------------------
 
-    def begin(self, request: JobRequest) -> JobRun | None:
-        """Mark a delivered job running; ``None`` if it must not run (ended or cancelled)."""
-        stored, cancel = self.store.get_and_cancel_requested(request.id)  # one round trip
+    def begin(self, request: JobRequest, *, items: bool = True) -> JobRun | None:
+        """Mark a delivered job running; ``None`` if it must not run (ended or cancelled).
+        ``items=False``: the job is about to be fanned out, its items stay unread (where
+        they are kept apart) and unwritten."""
+        stored, cancel = self.store.get_and_cancel_requested(request.id, items=items)
         status = stored or JobStatus.queued(request)
         if status.done:
             log.info("job %s already %s; skipping redelivery", request.id, status.state)
@@ -187,33 +202,37 @@ class JobRunner:
                 message=f"job was delivered {status.attempts} times without finishing "
                 "(its worker died each time)",
             )
+            if not status.whole:
+                status.items = self.store.get_items(request.id, 0, len(request.inputs)) or []
             for item in status.items:
                 if item.state != "succeeded":
                     item.state, item.error = "failed", status.error
             self.finish(JobRun(request, status))
             return None
-        self.store.save(status)
-        return JobRun(request, status, attempt=status.attempts)
+        self.store.save(status, items=[])  # the items are as they were
+        run = JobRun(request, status, attempt=status.attempts)
+        run.changed()
+        return run
 
     def begin_chunk(self, request: JobRequest, offset: int) -> JobRun | None:
         """Take the chunk of job ``request.id`` whose first input is the job's item
         ``offset``; ``None`` if it must not run (job ended, cancelled, gone, or a chunk
         that does not match the job's record)."""
-        stored, cancel = self.store.get_and_cancel_requested(request.id)
+        stored, cancel = self.store.get_and_cancel_requested(request.id, items=False)
         if stored is None or stored.done:
             log.info("chunk %s@%d: job %s; skipped", request.id, offset, stored and stored.state)
             return None
         stop = offset + len(request.inputs)
-        if (
-            offset < 0
-            or stop > len(stored.items)
-            or [item.input for item in stored.items[offset:stop]] != request.inputs
-        ):
+        if stored.items_apart:
+            items = self.store.get_items(request.id, offset, stop) or []
+        else:
+            items = stored.items[max(0, offset) : stop]
+        if offset < 0 or [item.input for item in items] != request.inputs:
             log.error("chunk %s@%d does not match its job's record; dropped", request.id, offset)
             return None
-        status = stored.model_copy(deep=True)
-        status.items = status.items[offset:stop]
+        status = stored.model_copy(deep=True, update={"items": items})
         run = JobRun(request, status, offset=offset)
+        run.changed()
         if cancel:
             run.cancelled = True
             self.finish(run)
@@ -232,10 +251,19 @@ class JobRunner:
             return None
         return run
 
-    def _merge(self, run: JobRun) -> tuple[JobStatus, bool]:
-        """Write a chunk's items into its job's record; (the record, whether it ended)."""
-        merged, ended = self.store.merge_items(run.request.id, run.status.items)
-        return (merged or run.status), ended
+    def _merge(self, run: JobRun) -> tuple[JobStatus | None, bool]:
+        """Write a chunk's items that changed into its job's record; (the record, whether
+        it ended). Where items are kept apart the record is a summary. ``(None, False)``
+        if nothing changed (the record holds the chunk as it is: it cannot end here) or
+        the record is gone."""
+        changed = run.changed()
+        if not changed:
+            return None, False
+        return self.store.merge_items(run.request.id, changed)
+
+    def _save(self, run: JobRun) -> None:
+        """Save a whole job's record (where items are kept apart: those that changed)."""
+        self.store.save(run.status, items=run.changed() if run.status.items_apart else None)
 
     def finish(self, run: JobRun) -> JobStatus:
         """Settle and save the final state (or leave it for a retry)."""
@@ -247,7 +275,9 @@ class JobRunner:
                     if item.state in ("pending", "running"):
                         item.state = "cancelled"
             merged, ended = self._merge(run)
-            if ended:
+            if self.metrics is not None and run.status.items_apart:
+                self.metrics.record_chunk(run.status, worker=self.hostname)  # the job: without
+            if ended and merged is not None:
                 log.info(
                     "job %s %s in %.0f ms (its last chunk ended here)",
                     merged.id,
@@ -256,7 +286,7 @@ class JobRunner:
                     extra={"job_id": merged.id, "state": merged.state},
                 )
                 self._ended(merged)
-            return merged
+            return merged or run.status
         if run.cancelled:
             self._cancel(status, now)
             return status
@@ -264,7 +294,7 @@ class JobRunner:
         status.finished_at = now
         if status.started_at:
             status.run_ms = round((now - status.started_at) * 1000, 3)
-        self.store.save(status)
+        self._save(run)
         log.info(
             "job %s %s in %.0f ms",
             status.id,
@@ -281,10 +311,12 @@ class JobRunner:
         self._notify(status, "final")
 
     def _notify(self, status: JobStatus, event: str) -> None:
-        if self.notify is None or status.webhook is None:
+        """Enqueue a webhook event. Of a job whose items are kept apart, a progress event
+        carries its summary, a final one the whole record up to ``ITEMS_SHOWN`` items."""
+        if self.notify is None or status.webhook is None or event not in status.webhook.events:
             return
         try:
-            self.notify(status, event)
+            self.notify(self.store.shown(status, final=event == "final"), event)
         except Exception:  # a broker hiccup must not fail a finished job
             log.exception("could not enqueue the %s webhook of job %s", event, status.id)
 
@@ -298,7 +330,7 @@ class JobRunner:
         run.status.error = ErrorInfo(
             code=err.code, message=f"{err.message}; retrying in {countdown:.1f} s"
         )
-        self.store.save(run.status)
+        self._save(run)
 
     def requeue(self, runs: Sequence[JobRun], error: BEN2QError) -> None:
         """Put the records of jobs this worker cannot finish back to ``queued`` (their
@@ -320,7 +352,7 @@ class JobRunner:
                 message=f"worker {self.hostname or '?'} left service ({error.message}); "
                 "the job goes back to the queue",
             )
-            self.store.save(status)
+            self._save(run)
 
     def give_up(self, run: JobRun) -> JobStatus:
         """Transient errors past the retry budget become the items' failures."""
@@ -341,6 +373,8 @@ class JobRunner:
         return self.finish(run)
 
     def _cancel(self, status: JobStatus, now: float) -> None:
+        if not status.whole and status.counts is not None:  # a summary: its items too
+            status.items = self.store.get_items(status.id, 0, status.counts.total) or []
         status.state = "cancelled"
         status.finished_at = now
         for item in status.items:
@@ -503,9 +537,10 @@ class JobRunner:
                 log.info("job %s cancelled while running", status.id)
             elif run.chunk:
                 merged, _ = self._merge(run)
-                self._notify(merged, "progress")
+                if merged is not None:
+                    self._notify(merged, "progress")
             else:
-                self.store.save(status)
+                self._save(run)
                 self._notify(status, "progress")
 
 

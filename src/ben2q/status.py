@@ -2,8 +2,13 @@
 
 Layout (``Keys``)::
 
-    ben2q:job:{id}       the JobStatus JSON, SET ... EX status_ttl (refreshed on every save)
-    ben2q:events:{id}    pub/sub channel: the same JSON is PUBLISHed on every save
+    ben2q:job:{id}       the JobStatus JSON, SET ... EX status_ttl (refreshed on every save);
+                         of a job that keeps its items apart (``items_apart``, more than
+                         ``INLINE_ITEMS``): its summary, ``items`` empty, ``counts`` kept
+    ben2q:items:{id}     hash of such a job's items: field = item index, value = the
+                         ItemStatus JSON; each save writes only the items that changed
+    ben2q:events:{id}    pub/sub channel: the record is PUBLISHed on every save (a job with
+                         items apart: its summary with the items that changed)
     ben2q:cancel:{id}    "1" once a cancel was requested, EX status_ttl
     ben2q:chunks:{id}    hash of a fanned-out batch job: ``sent:{start}`` once its chunk
                          starting at item ``start`` is on the queue, ``attempts:{start}``
@@ -49,12 +54,13 @@ from .eventhub import (
     decode,
     reread_interval,
 )
-from .jobs import TERMINAL_STATES, ItemStatus, JobStatus
+from .jobs import ITEMS_SHOWN, TERMINAL_STATES, ItemCounts, ItemStatus, JobStatus
 
 __all__ = [
     "Keys",
     "KEYS",
     "encode",
+    "encode_event",
     "decode",
     "cancelled",
     "EventStream",
@@ -88,6 +94,9 @@ class Keys:
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
 
+    def items(self, job_id: str) -> str:
+        return f"{self.prefix}:items:{job_id}"
+
     def chunks(self, job_id: str) -> str:
         return f"{self.prefix}:chunks:{job_id}"
 
@@ -101,8 +110,49 @@ KEYS = Keys()
 
 
 def encode(status: JobStatus) -> str:
-    """The JSON stored in the record and published on the channel."""
+    """The JSON stored in the record (a summary where items are apart)."""
+    if status.items_apart:
+        return status.summary().model_dump_json()
     return status.model_dump_json()
+
+
+def encode_event(status: JobStatus, items: list[ItemStatus] | None = None) -> str:
+    """The JSON published on the channel: the record, or where items are apart its summary
+    with ``items`` (those a save just wrote), without null fields (bytes per item count:
+    every watcher receives every event)."""
+    if status.items_apart:
+        event = status.model_copy(update={"items": list(items or [])})
+        return event.model_dump_json(exclude_none=True)
+    return status.model_dump_json()
+
+
+def item_fields(items: list[ItemStatus]) -> dict[str, str]:
+    """``HSET`` mapping of items kept apart: index -> JSON (without null fields)."""
+    return {str(item.index): item.model_dump_json(exclude_none=True) for item in items}
+
+
+def with_items(status: JobStatus, raws: list[Any] | dict[Any, Any]) -> JobStatus:
+    """``status`` (a summary) with the stored items ``raws`` (HVALS/HGETALL/HMGET replies,
+    missing ones skipped), in index order."""
+    values = raws.values() if isinstance(raws, dict) else raws
+    items = [ItemStatus.model_validate_json(v) for v in values if v is not None]
+    items.sort(key=lambda item: item.index)
+    return status.model_copy(update={"items": items})
+
+
+def wants_items(status: JobStatus | None, items: bool | int) -> bool:
+    """Whether a read asking for ``items`` (all, none, or all up to that many) must read
+    the items kept apart of ``status``."""
+    if status is None or not status.items_apart or items is False:
+        return False
+    total = status.counts.total if status.counts else 0
+    return items is True or total <= items
+
+
+def item_range(status: JobStatus, start: int, stop: int) -> range:
+    """The valid indices ``start … stop - 1`` of a job's items."""
+    total = status.counts.total if status.counts else len(status.items)
+    return range(max(0, start), min(stop, total))
 
 
 def cancelled(status: JobStatus, now: float | None = None) -> JobStatus | None:
@@ -119,42 +169,66 @@ def cancelled(status: JobStatus, now: float | None = None) -> JobStatus | None:
     for item in new.items:
         if item.state in ("pending", "running"):
             item.state = "cancelled"
-    return new
+    return new.recount()
 
 
 ITEM_ENDED = frozenset({"succeeded", "failed", "cancelled"})
 
 
 def merged(
-    status: JobStatus, items: list[ItemStatus], *, cancel: bool, now: float
-) -> tuple[JobStatus, bool]:
+    status: JobStatus,
+    items: list[ItemStatus],
+    *,
+    current: dict[int, ItemStatus] | None = None,
+    cancel: bool,
+    now: float,
+) -> tuple[JobStatus, list[ItemStatus], bool]:
     """``status`` with ``items`` (a chunk's, placed by their ``index``) written in; once every
     item has ended, the job ends too: ``cancelled`` if a cancel was asked for, else as
-    ``settle`` decides. Returns the record and whether this merge ended the job.
+    ``settle`` decides. Returns the record, the items to write, and whether this merge
+    ended the job.
 
+    ``current``: the stored items at those indices, for a record that keeps items apart
+    (its ``counts`` move by the difference); otherwise the record's own items are used.
     An item that has ended in the record is never moved back to pending or running (a
     stale or redelivered chunk must not undo another's work)."""
     if status.done:
-        return status, False
+        return status, [], False
+    if status.items_apart and not status.whole and current is None:
+        raise ValueError(f"job {status.id} keeps its items apart: merging needs them")
+    apart = current is not None
+    counts = (
+        status.counts.model_copy()
+        if status.counts is not None and apart
+        else ItemCounts.of(status.items)
+    )
+    written: list[ItemStatus] = []
     for item in items:
-        if not 0 <= item.index < len(status.items):
+        if not 0 <= item.index < counts.total:
             raise ValueError(f"item {item.index} is not in job {status.id}")
-        current = status.items[item.index]
-        if current.state in ITEM_ENDED and item.state not in ITEM_ENDED:
+        before = current.get(item.index) if current is not None else status.items[item.index]
+        before_state = before.state if before is not None else "pending"
+        if before_state in ITEM_ENDED and item.state not in ITEM_ENDED:
             continue
-        status.items[item.index] = item
-    ended = sum(1 for item in status.items if item.state in ITEM_ENDED)
-    status.progress = round(ended / len(status.items), 4) if status.items else 1.0
-    if ended < len(status.items):
-        return status, False
+        counts.add(before_state, -1)
+        counts.add(item.state)
+        if not apart:
+            status.items[item.index] = item
+        written.append(item)
+    status.counts = counts
+    status.progress = round(counts.ended / counts.total, 4) if counts.total else 1.0
+    if counts.ended < counts.total:
+        return status, written, False
     if cancel:
         status.state, status.progress = "cancelled", 1.0
     else:
         status.settle()
+        if status.state == "failed" and status.error is None:
+            status.error = next((i.error for i in written if i.error is not None), None)
     status.finished_at = now
     if status.started_at:
         status.run_ms = round((now - status.started_at) * 1000, 3)
-    return status, True
+    return status, written, True
 
 
 def _order(status: JobStatus) -> tuple[int, int, int, float]:
@@ -269,14 +343,46 @@ _REDIS_OPTIONS: dict[str, Any] = {
 
 _CREATE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  for i = 3, #ARGV, 2 do
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  end
+  if #ARGV > 2 then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
   redis.call('PUBLISH', KEYS[2], ARGV[1])
   return 1
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
 return 0
 """
-"""SET NX + PUBLISH only if created. Finding the very same JSON counts as created: that is
-a retry (after a lost reply) of a create that had in fact succeeded, not a duplicate id."""
+"""SET NX (+ the items kept apart) + PUBLISH only if created. Finding the very same JSON
+counts as created: that is a retry (after a lost reply) of a create that had in fact
+succeeded, not a duplicate id."""
+
+
+def _create_args(keys: Keys, status: JobStatus, ttl: int) -> tuple[list[str], list[Any]]:
+    names = [keys.job(status.id), keys.events(status.id), keys.items(status.id)]
+    args: list[Any] = [encode(status), ttl]
+    if status.items_apart:
+        for field, value in item_fields(status.items).items():
+            args += [field, value]
+    return names, args
+
+
+def _queue_save(
+    pipe: Any, keys: Keys, status: JobStatus, items: list[ItemStatus] | None, ttl: int
+) -> None:
+    """The commands of ``save`` (into a MULTI pipeline): record, items apart, event."""
+    if status.items_apart:
+        status.recount()  # a whole record: its counts follow its items
+        items = status.items if items is None else items
+        pipe.set(keys.job(status.id), encode(status), ex=ttl)
+        if items:
+            pipe.hset(keys.items(status.id), mapping=item_fields(items))
+        pipe.expire(keys.items(status.id), ttl)
+        pipe.publish(keys.events(status.id), encode_event(status, items))
+    else:
+        data = encode(status)
+        pipe.set(keys.job(status.id), data, ex=ttl)
+        pipe.publish(keys.events(status.id), data)
 
 
 # --- sync ------------------------------------------------------------------------------
@@ -314,20 +420,52 @@ class StatusStore:
 
     def create(self, status: JobStatus) -> None:
         """Store and publish a new record (SET NX); ``ValueError`` if the job id exists."""
-        keys = [self.keys.job(status.id), self.keys.events(status.id)]
-        if not self._create(keys=keys, args=[encode(status), self.ttl]):
+        keys, args = _create_args(self.keys, status, self.ttl)
+        if not self._create(keys=keys, args=args):
             raise ValueError(f"job {status.id!r} exists already")
 
-    def get(self, job_id: str) -> JobStatus | None:
+    def get(self, job_id: str, *, items: bool | int = True) -> JobStatus | None:
+        """The record; where items are kept apart, with them if ``items`` is True or at
+        least their number (else the summary: ``items`` empty, ``counts`` set)."""
         raw = self.redis.get(self.keys.job(job_id))
-        return None if raw is None else decode(raw)
+        status = None if raw is None else decode(raw)
+        return self._with_items(status, items)
 
-    def save(self, status: JobStatus) -> None:
-        """Write the record (refreshing its TTL) and publish it, in one transaction."""
-        data = encode(status)
+    def _with_items(self, status: JobStatus | None, items: bool | int) -> JobStatus | None:
+        if status is None or not wants_items(status, items):
+            return status
+        return with_items(status, self.redis.hvals(self.keys.items(status.id)))
+
+    def get_items(self, job_id: str, start: int, stop: int) -> list[ItemStatus] | None:
+        """Items ``start … stop - 1`` of a job (fewer at its end); None if it is gone."""
+        status = self.get(job_id, items=False)
+        if status is None:
+            return None
+        wanted = item_range(status, start, stop)
+        if not status.items_apart:
+            return status.items[wanted.start : wanted.stop]
+        if not wanted:
+            return []
+        raws = self.redis.hmget(self.keys.items(job_id), [str(i) for i in wanted])
+        return with_items(status, raws).items
+
+    def shown(self, status: JobStatus, *, final: bool) -> JobStatus:
+        """The record a webhook event carries. Of a job whose items are kept apart, a
+        progress event carries the summary, a final one the whole record up to
+        ``ITEMS_SHOWN`` items (read here if ``status`` is a summary)."""
+        if not status.items_apart:
+            return status
+        if final and not status.whole:
+            status = self.get(status.id, items=ITEMS_SHOWN) or status
+        if final and status.whole and len(status.items) <= ITEMS_SHOWN:
+            return status
+        return status.summary()
+
+    def save(self, status: JobStatus, items: list[ItemStatus] | None = None) -> None:
+        """Write the record (refreshing its TTL) and publish it, in one transaction. Where
+        items are kept apart: the summary, and ``items`` (default: those ``status`` holds)."""
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.job(status.id), data, ex=self.ttl)
-            pipe.publish(self.keys.events(status.id), data)
+            _queue_save(pipe, self.keys, status, items, self.ttl)
             pipe.execute()
 
     def request_cancel(self, job_id: str) -> JobStatus:
@@ -344,13 +482,13 @@ class StatusStore:
                     if status.done:
                         pipe.unwatch()
                         return status
+                    if status.state == "queued" and status.items_apart:
+                        status = with_items(status, pipe.hvals(self.keys.items(job_id)))
                     new = cancelled(status)
                     pipe.multi()
                     pipe.set(self.keys.cancel(job_id), "1", ex=self.ttl)
                     if new is not None:
-                        data = encode(new)
-                        pipe.set(key, data, ex=self.ttl)
-                        pipe.publish(self.keys.events(job_id), data)
+                        _queue_save(pipe, self.keys, new, None, self.ttl)
                     pipe.execute()
                     return new or status
                 except WatchError:  # the record changed meanwhile: look again
@@ -404,13 +542,20 @@ class StatusStore:
                     if status.done:
                         pipe.unwatch()
                         return status, False
-                    status, ended = merged(
-                        status, items, cancel=cancel, now=time.time() if now is None else now
+                    current = None
+                    if status.items_apart:
+                        fields = [str(item.index) for item in items]
+                        raws = pipe.hmget(self.keys.items(job_id), fields) if fields else []
+                        current = {i.index: i for i in with_items(status, raws).items}
+                    status, written, ended = merged(
+                        status,
+                        items,
+                        current=current,
+                        cancel=cancel,
+                        now=time.time() if now is None else now,
                     )
-                    data = encode(status)
                     pipe.multi()
-                    pipe.set(key, data, ex=self.ttl)
-                    pipe.publish(self.keys.events(job_id), data)
+                    _queue_save(pipe, self.keys, status, written, self.ttl)
                     pipe.execute()
                     return status, ended
                 except WatchError:
@@ -450,13 +595,17 @@ class StatusStore:
     def worker_gone(self, name: str) -> None:
         self.redis.zrem(self.keys.workers, name)
 
-    def get_and_cancel_requested(self, job_id: str) -> tuple[JobStatus | None, bool]:
-        """``get`` and ``cancel_requested`` in one round trip (a worker taking a job)."""
+    def get_and_cancel_requested(
+        self, job_id: str, *, items: bool | int = True
+    ) -> tuple[JobStatus | None, bool]:
+        """``get`` and ``cancel_requested`` in one round trip (a worker taking a job; a
+        second one for items kept apart)."""
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(self.keys.job(job_id))
             pipe.exists(self.keys.cancel(job_id))
             raw, flagged = pipe.execute()
-        return (None if raw is None else decode(raw)), bool(flagged)
+        status = None if raw is None else decode(raw)
+        return self._with_items(status, items), bool(flagged)
 
     def events(self, job_id: str, *, timeout: float | None = None) -> Iterator[JobStatus]:
         """The current record, then each update, until a terminal state.
@@ -541,19 +690,35 @@ class AsyncStatusStore:
         self._create = self.redis.register_script(_CREATE)
 
     async def create(self, status: JobStatus) -> None:
-        keys = [self.keys.job(status.id), self.keys.events(status.id)]
-        if not await self._create(keys=keys, args=[encode(status), self.ttl]):
+        keys, args = _create_args(self.keys, status, self.ttl)
+        if not await self._create(keys=keys, args=args):
             raise ValueError(f"job {status.id!r} exists already")
 
-    async def get(self, job_id: str) -> JobStatus | None:
+    async def get(self, job_id: str, *, items: bool | int = True) -> JobStatus | None:
         raw = await self.redis.get(self.keys.job(job_id))
-        return None if raw is None else decode(raw)
+        status = None if raw is None else decode(raw)
+        return await self._with_items(status, items)
 
-    async def save(self, status: JobStatus) -> None:
-        data = encode(status)
+    async def _with_items(self, status: JobStatus | None, items: bool | int) -> JobStatus | None:
+        if status is None or not wants_items(status, items):
+            return status
+        return with_items(status, await self.redis.hvals(self.keys.items(status.id)))
+
+    async def get_items(self, job_id: str, start: int, stop: int) -> list[ItemStatus] | None:
+        status = await self.get(job_id, items=False)
+        if status is None:
+            return None
+        wanted = item_range(status, start, stop)
+        if not status.items_apart:
+            return status.items[wanted.start : wanted.stop]
+        if not wanted:
+            return []
+        raws = await self.redis.hmget(self.keys.items(job_id), [str(i) for i in wanted])
+        return with_items(status, raws).items
+
+    async def save(self, status: JobStatus, items: list[ItemStatus] | None = None) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.job(status.id), data, ex=self.ttl)
-            pipe.publish(self.keys.events(status.id), data)
+            _queue_save(pipe, self.keys, status, items, self.ttl)
             await pipe.execute()
 
     async def request_cancel(self, job_id: str) -> JobStatus:
@@ -569,13 +734,14 @@ class AsyncStatusStore:
                     if status.done:
                         await pipe.unwatch()
                         return status
+                    if status.state == "queued" and status.items_apart:
+                        raws = await pipe.hvals(self.keys.items(job_id))
+                        status = with_items(status, raws)
                     new = cancelled(status)
                     pipe.multi()
                     pipe.set(self.keys.cancel(job_id), "1", ex=self.ttl)
                     if new is not None:
-                        data = encode(new)
-                        pipe.set(key, data, ex=self.ttl)
-                        pipe.publish(self.keys.events(job_id), data)
+                        _queue_save(pipe, self.keys, new, None, self.ttl)
                     await pipe.execute()
                     return new or status
                 except WatchError:
@@ -589,12 +755,15 @@ class AsyncStatusStore:
         now = time.time() if now is None else now
         return int(await self.redis.zcount(self.keys.workers, now - max_age, "+inf"))
 
-    async def get_and_cancel_requested(self, job_id: str) -> tuple[JobStatus | None, bool]:
+    async def get_and_cancel_requested(
+        self, job_id: str, *, items: bool | int = True
+    ) -> tuple[JobStatus | None, bool]:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(self.keys.job(job_id))
             pipe.exists(self.keys.cancel(job_id))
             raw, flagged = await pipe.execute()
-        return (None if raw is None else decode(raw)), bool(flagged)
+        status = None if raw is None else decode(raw)
+        return await self._with_items(status, items), bool(flagged)
 
     @property
     def hub(self) -> AsyncEventHub:

@@ -242,10 +242,10 @@ def _fan_out(request: JobRequest, size: int) -> str | None:
     store = state.store()
     sent = store.chunks_sent(request.id)
     if not sent:
-        if state.runner().begin(request) is None:  # ended, cancelled, or out of attempts
+        if state.runner().begin(request, items=False) is None:  # ended, cancelled, no attempts
             return None
     else:
-        stored = store.get(request.id)
+        stored = store.get(request.id, items=False)
         if stored is None or stored.done:
             return None
     starts = range(0, len(request.inputs), size)
@@ -272,21 +272,23 @@ def _fail_timed_out(kwargs_list: list[dict[str, Any]]) -> None:
     store = state.store()
     for kwargs in kwargs_list:
         request = _parse(kwargs)
-        status = store.get(request.id) if request else None
+        status = store.get(request.id, items=False) if request else None
         if status is None or status.done:
             continue
         err = JobTimeout("the job was killed at its hard time limit")
         info = ErrorInfo(**err.to_dict())
         start = kwargs.get("start")
         if isinstance(start, int) and request is not None:
-            items = status.items[start : start + len(request.inputs)]
+            items = store.get_items(request.id, start, start + len(request.inputs)) or []
             for item in items:
                 if item.state != "succeeded":
                     item.state, item.error = "failed", info
             merged, ended = store.merge_items(request.id, items)
             if ended and merged is not None:
-                notify(merged, "final")
+                notify(store.shown(merged, final=True), "final")
             continue
+        if not status.whole:
+            status = store.get(request.id) or status
         for item in status.items:
             if item.state != "succeeded":
                 item.state, item.error = "failed", info

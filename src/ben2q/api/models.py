@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from ..jobs import Channels, JobOptions, JobStatus, OutputFormat, WebhookEvent
+from ..jobs import Channels, ItemStatus, JobOptions, JobStatus, OutputFormat, WebhookEvent
 
 
 class JobCreate(JobOptions):
@@ -66,6 +66,16 @@ class JobPage(BaseModel):
     """A page of ``GET /v1/jobs``: newest first; ``next_cursor`` fetches the next page."""
 
     jobs: list[JobStatus]
+    next_cursor: str | None = None
+
+
+class ItemPage(BaseModel):
+    """A page of ``GET /v1/jobs/{id}/items``: items in index order; ``next_cursor`` fetches
+    the next page (None after the last)."""
+
+    items: list[ItemStatus]
+    total: int
+    """The job's items in all."""
     next_cursor: str | None = None
 
 

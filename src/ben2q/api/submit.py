@@ -16,7 +16,7 @@ from fastapi import Request
 
 from ..errors import FetchError, InvalidRequest
 from ..fetch import resolve_and_check
-from ..jobs import JobRequest, JobStatus, make_request
+from ..jobs import ITEMS_SHOWN, JobRequest, JobStatus, make_request
 from ..keys import ApiKey, check_input, resolve_output
 from .deps import take_images
 from .models import JobCreate
@@ -134,12 +134,23 @@ async def enqueue(svc: Services, key: ApiKey, job: JobRequest) -> JobStatus:
     return JobStatus.queued(job)
 
 
-async def owned(svc: Services, tenant: str, job_id: str) -> JobStatus:
+async def owned(
+    svc: Services, tenant: str, job_id: str, *, items: bool | int = ITEMS_SHOWN
+) -> JobStatus:
     """The record of ``job_id`` if the key ``tenant`` (its id) made it; 404 otherwise (ids
-    are not probeable)."""
-    status = await svc.store.get(job_id) if plausible(job_id) else None
+    are not probeable). ``items``: as ``StatusStore.get`` (default: whole records of jobs
+    of at most ``ITEMS_SHOWN`` items, summaries beyond)."""
+    status = await svc.store.get(job_id, items=items) if plausible(job_id) else None
     if status is None or status.tenant != tenant:
         raise Problem(404, "not_found", f"no job {job_id!r}")
+    return status
+
+
+def shown(status: JobStatus) -> JobStatus:
+    """The record as the API answers it: a job of more than ``ITEMS_SHOWN`` items (or a
+    summary) without its items, which ``GET /v1/jobs/{id}/items`` pages."""
+    if status.items_apart and (not status.whole or len(status.items) > ITEMS_SHOWN):
+        return status.summary()
     return status
 
 

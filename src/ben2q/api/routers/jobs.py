@@ -13,13 +13,13 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import ValidationError
 
-from ...jobs import JobState, JobStatus
+from ...jobs import ITEMS_SHOWN, JobState, JobStatus
 from .. import idempotency
 from ..bodies import is_json, media_type, read_json
 from ..deps import KeyDep, ServicesDep
-from ..models import JobCreate, JobPage
+from ..models import ItemPage, JobCreate, JobPage
 from ..problems import Problem, invalid
-from ..submit import admit, build_request, enqueue, owned, plausible
+from ..submit import admit, build_request, enqueue, owned, plausible, shown
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -46,8 +46,8 @@ async def hold(svc, job: JobStatus, seconds: int) -> JobStatus:
     """The record once ``job`` ends or ``seconds`` pass, whichever is first."""
     if seconds > 0:
         with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-            return await svc.client.wait(job.id, timeout=seconds)
-    return await svc.store.get(job.id) or job
+            return await svc.client.wait(job.id, timeout=seconds, items=ITEMS_SHOWN)
+    return await svc.store.get(job.id, items=ITEMS_SHOWN) or job
 
 
 @router.post(
@@ -131,7 +131,7 @@ async def create_job(
 def _answer(status: JobStatus, code: int, headers: dict[str, str] | None = None) -> Response:
     """The job's record as the answer (serialized here so a replay repeats its bytes)."""
     return Response(
-        status.model_dump_json(),
+        shown(status).model_dump_json(),
         status_code=code,
         media_type="application/json",
         headers={"Location": f"/v1/jobs/{status.id}", **(headers or {})},
@@ -196,9 +196,43 @@ async def get_job(job_id: str, svc: ServicesDep, key: KeyDep) -> Response:
     # The stored JSON is the JobStatus the workers wrote: answered as it is, after the
     # tenant check, instead of being validated and serialized again (the hottest route).
     raw = await svc.redis.get(svc.store.keys.job(job_id)) if plausible(job_id) else None
-    if raw is None or json.loads(raw).get("tenant") != key.id:
+    record = None if raw is None else json.loads(raw)
+    if record is None or record.get("tenant") != key.id:
         raise Problem(404, "not_found", f"no job {job_id!r}")
+    if record.get("items_apart") and record["counts"]["total"] <= ITEMS_SHOWN:
+        whole = await svc.store.get(job_id)  # its items are kept apart: assembled
+        if whole is not None:
+            return Response(whole.model_dump_json(), media_type="application/json")
     return Response(raw, media_type="application/json")
+
+
+@router.get("/{job_id}/items", response_model=ItemPage, responses=PROBLEMS)
+async def list_items(
+    job_id: str,
+    svc: ServicesDep,
+    key: KeyDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=20)] = None,
+) -> ItemPage:
+    """The job's items in index order, `limit` per page; pass `next_cursor` as `cursor`.
+    A job's record carries its items only up to 1,000 of them: beyond, page them here."""
+    start = _parse_item_cursor(cursor)
+    status = await owned(svc, key.id, job_id, items=False)
+    total = status.counts.total if status.counts is not None else len(status.items)
+    items = await svc.store.get_items(job_id, start, start + limit)
+    if items is None:
+        raise Problem(404, "not_found", f"no job {job_id!r}")
+    stop = start + len(items)
+    return ItemPage(items=items, total=total, next_cursor=str(stop) if stop < total else None)
+
+
+def _parse_item_cursor(cursor: str | None) -> int:
+    """The index a page starts at: a cursor is the ``next_cursor`` of the page before."""
+    if not cursor:
+        return 0
+    if not (cursor.isascii() and cursor.isdigit()) or int(cursor) > 10**9:
+        raise invalid("query:cursor", "not a cursor from a previous page")
+    return int(cursor)
 
 
 @router.post("/{job_id}/cancel", response_model=JobStatus, responses=PROBLEMS)

@@ -63,11 +63,13 @@ async def open_output(svc: Services, uri: str) -> Reader:
         return await asyncio.to_thread(svc.storage.open, uri)
 
 
-def item_of(status: JobStatus, index: int) -> ItemStatus:
-    """The succeeded item ``index``; a problem saying why there is no output otherwise."""
-    if index >= len(status.items):
-        raise Problem(404, "not_found", f"job {status.id} has {len(status.items)} item(s)")
-    item = status.items[index]
+def item_of(status: JobStatus, index: int, found: list[ItemStatus]) -> ItemStatus:
+    """The succeeded item ``index`` (``found``: the job's items from it on); a problem
+    saying why there is no output otherwise."""
+    total = status.counts.total if status.counts is not None else len(status.items)
+    if index >= total or not found:
+        raise Problem(404, "not_found", f"job {status.id} has {total} item(s)")
+    item = found[0]
     if item.state in ("pending", "running"):
         raise Problem(
             409,
@@ -86,8 +88,13 @@ def item_of(status: JobStatus, index: int) -> ItemStatus:
 async def serve(
     svc: Services, key: ApiKey, job_id: str, index: int, which: Literal["output", "mask"]
 ) -> Response:
-    status = await owned(svc, key.id, job_id)
-    item = item_of(status, index)
+    status = await owned(svc, key.id, job_id, items=False)
+    found = (
+        await svc.store.get_items(job_id, index, index + 1)
+        if status.items_apart
+        else status.items[index : index + 1]
+    )
+    item = item_of(status, index, found or [])
     uri = item.output if which == "output" else item.mask
     if uri is None:
         raise Problem(
