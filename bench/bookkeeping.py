@@ -8,8 +8,9 @@ a fanned-out batch job's record, with the engine left out (bookkeeping alone): t
 creates the record, then for each chunk of ``--chunk`` items the chunk's items are read,
 and each pass of ``--pass-size`` items is merged as it ends (``StatusStore.merge_items``,
 the items carrying the output, size, timings and worker a real item carries; a chunk's
-end changes nothing more, so the runner writes nothing then). A subscriber counts the bytes published on the job's channel
-(what every watcher receives); Redis's ``total_net_input_bytes`` counts the bytes written.
+end changes nothing more, so the runner writes nothing then). A subscriber counts the
+bytes published on the job's channel (what every watcher receives); Redis's
+``total_net_input_bytes`` counts the bytes written.
 
 Two layouts, in one run, on the same server:
 

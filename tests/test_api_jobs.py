@@ -115,6 +115,74 @@ def test_cancel(api_stack):
         problem(http.post("/v1/jobs/nope/cancel"), 404, "not_found")
 
 
+def test_a_batch_s_items_are_paged_and_served(api_stack):
+    """A batch of more than 16 keeps its items apart: the record is assembled up to 1,000
+    items, ``/items`` pages them with a cursor, outputs are served by index."""
+    key, token = api_stack.key("pager")
+    _, other = api_stack.key("pager-other")
+    uris = [api_stack.put(f"{key.id}/p{i}.png", photo(10 + i)) for i in range(4)]
+    with api_stack.client(token) as http:
+        job = http.post("/v1/jobs", json={"inputs": uris * 10}).json()
+        assert job["items_apart"] and job["counts"]["total"] == 40 and len(job["items"]) == 40
+        done = wait_done(http, job["id"], timeout=120)
+        assert done["state"] == "succeeded" and done["counts"]["succeeded"] == 40
+        assert [item["index"] for item in done["items"]] == list(range(40))
+        seen, cursor, pages = [], None, 0
+        while True:
+            params = {"limit": 15, **({"cursor": cursor} if cursor else {})}
+            page = http.get(f"/v1/jobs/{job['id']}/items", params=params)
+            assert page.status_code == 200, page.text
+            body = page.json()
+            assert body["total"] == 40
+            seen += body["items"]
+            pages += 1
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        assert pages == 3 and [item["index"] for item in seen] == list(range(40))
+        assert seen == done["items"]
+        assert http.get(f"/v1/jobs/{job['id']}/items/37/output").status_code == 302
+        problem(http.get(f"/v1/jobs/{job['id']}/items/40/output"), 404, "not_found")
+        bad = http.get(f"/v1/jobs/{job['id']}/items", params={"cursor": "x1"})
+        problem(bad, 422, "invalid_request", "/query:cursor")
+        # beyond 1,000 items the record is the summary: its items are only paged
+        big = http.post("/v1/jobs", json={"inputs": uris * 251}, headers={"Prefer": "wait=0"})
+        assert big.status_code == 201, big.text
+        record = http.get(f"/v1/jobs/{big.json()['id']}").json()
+        assert record["items"] == [] and record["counts"]["total"] == 1004
+        page = http.get(f"/v1/jobs/{big.json()['id']}/items", params={"cursor": "1000"}).json()
+        assert [item["index"] for item in page["items"]] == [1000, 1001, 1002, 1003]
+        assert page["next_cursor"] is None
+        http.post(f"/v1/jobs/{big.json()['id']}/cancel")
+    with api_stack.client(other) as http:  # another key cannot page them
+        problem(http.get(f"/v1/jobs/{job['id']}/items"), 404, "not_found")
+
+
+def test_a_prefix_job_within_the_key_s_scope(api_stack):
+    key, token = api_stack.key("prefixer")
+    for i in range(6):
+        api_stack.put(f"{key.id}/cat/{i}.png", photo(30 + i))
+    api_stack.put(f"{key.id}/cat/notes.txt", b"not an image")
+    narrow, narrow_token = api_stack.key("narrow", input_prefixes=[f"s3://api-in/{key.id}/"])
+    with api_stack.client(token) as http:
+        created = http.post("/v1/jobs", json={"prefix": f"s3://api-in/{key.id}/cat"})
+        assert created.status_code == 202, created.text
+        record = created.json()
+        assert record["prefix"] == f"s3://api-in/{key.id}/cat/" and record["kind"] == "batch"
+        done = wait_done(http, record["id"], timeout=120)
+        assert done["state"] == "succeeded" and done["counts"]["total"] == 6
+        assert [i["input"].rsplit("/", 1)[1] for i in done["items"]] == [
+            f"{i}.png" for i in range(6)
+        ]
+        both = http.post(
+            "/v1/jobs", json={"prefix": "s3://api-in/x/", "inputs": ["s3://api-in/a.png"]}
+        )
+        problem(both, 422, "invalid_request", "/prefix")
+    with api_stack.client(narrow_token) as http:  # another key's folder: refused at submit
+        problem(http.post("/v1/jobs", json={"prefix": "s3://api-in/"}), 403, "forbidden", "/prefix")
+    assert narrow.input_prefixes == [f"s3://api-in/{key.id}/"]
+
+
 def test_invalid_requests_name_the_field(api_stack):
     key, token = api_stack.key("validator")
     uri = api_stack.put(f"{key.id}/v.png", photo(6))

@@ -213,3 +213,26 @@ def test_bytes_per_item_do_not_grow_with_the_batch(store, raw):
     large = _bytes_per_item(store, raw, 1024)
     assert large <= 2048, f"{large:.0f} bytes per item"
     assert large <= small * 1.25, f"{small:.0f} -> {large:.0f} bytes per item"
+
+
+def test_a_prefix_listing_is_recorded_once(store, raw):
+    request = make_request("batch", [], "s3://catalogue/cutouts/", prefix="s3://catalogue/p/")
+    store.create(JobStatus.queued(request))
+    first = [f"s3://catalogue/p/{i:03d}.jpg" for i in range(30)]
+    listed = store.record_listing(request.id, first)
+    assert listed.counts.total == 30 and listed.items_apart
+    again = store.record_listing(request.id, first + ["s3://catalogue/p/new.jpg"])
+    assert again.counts.total == 30  # a redelivered job reads its listing back
+    assert [i.input for i in store.get(request.id).items] == first
+    assert store.record_listing("no-such-job", first) is None
+
+
+def test_one_copy_of_a_chunk_runs(store):
+    """A planner re-sending a chunk after a crash makes a second copy (another nonce): the
+    first copy to start claims the chunk; the same copy again (a redelivery) may run."""
+    assert store.chunk_owner("job-c", 16) is None
+    assert store.claim_chunk("job-c", 16, "copy-a")
+    assert not store.claim_chunk("job-c", 16, "copy-b")
+    assert store.claim_chunk("job-c", 16, "copy-a")  # redelivered after its worker died
+    assert store.claim_chunk("job-c", 32, "copy-b")  # another chunk: its own claim
+    assert store.chunk_owner("job-c", 16) == "copy-a"

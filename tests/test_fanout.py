@@ -180,7 +180,7 @@ def submit(fleet, n: int, **kw):
 def wait_progress(client: Client, job, fraction: float, timeout: float = 60) -> None:
     """Wait until at least ``fraction`` of the job's items have ended."""
     deadline = time.monotonic() + timeout
-    while client.get(job).progress < fraction:
+    while client.get(job, items=False).progress < fraction:
         assert time.monotonic() < deadline, f"progress below {fraction} after {timeout} s"
         time.sleep(0.02)
 
@@ -286,3 +286,93 @@ def test_a_worker_killed_mid_batch_leaves_every_item_done_once(fleet):
     again = {k for k, v in attempts.items() if k.startswith(b"attempts:") and int(v) > 1}
     assert again, attempts
     fleet["workers"]["wb"] = Worker(fleet["env"], fleet["logs"] / "wb2.log", name="wb")
+
+
+def test_a_prefix_becomes_the_items_listed_once(fleet):
+    """A catalogue under a prefix: its images (not other files, not earlier outputs under
+    it) become the items, in listing order; a redelivered batch message does not list
+    again (an image added after the listing is not taken)."""
+    from celery import Celery
+
+    from ben2q.broker import TASK_BATCH, celery_config
+
+    s3, client = fleet["s3"], fleet["client"]
+    for i in range(40):
+        s3.put_object(Bucket="fan-in", Key=f"cat/{i:03d}.png", Body=png_bytes(_image(i % 3)))
+    s3.put_object(Bucket="fan-in", Key="cat/readme.txt", Body=b"not an image")
+    s3.put_object(Bucket="fan-in", Key="cat/out/old.png", Body=png_bytes(_image(5)))
+    request = make_request(
+        "batch",
+        [],
+        "s3://fan-in/cat/out/",
+        prefix="s3://fan-in/cat",
+        webhook_url=fleet["hook"],
+    )
+    job = client.enqueue(request)
+    deadline = time.monotonic() + 60
+    while not (client.get(job, items=False).counts.total):
+        assert time.monotonic() < deadline, "the prefix was not listed"
+        time.sleep(0.05)
+    s3.put_object(Bucket="fan-in", Key="cat/999.png", Body=png_bytes(_image(1)))
+    app = Celery("redeliver", set_as_current=False)
+    app.conf.update(celery_config(client.settings))
+    app.send_task(TASK_BATCH, kwargs={"request": request.model_dump(mode="json")}, task_id=job.id)
+    status = client.wait(job, timeout=180)
+    app.close()
+    assert status.state == "succeeded" and status.counts.total == 40
+    assert [i.input for i in status.items] == [f"s3://fan-in/cat/{i:03d}.png" for i in range(40)]
+    assert status.prefix == "s3://fan-in/cat/"
+    outputs = [
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket="fan-in", Prefix=f"cat/out/{job.id}/")["Contents"]
+    ]
+    assert len(outputs) == 40
+    deadline = time.monotonic() + 10
+    while not finals(job.id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    events = [e for e in finals(job.id) if e["type"] != "job.progress"]
+    assert len(events) == 1 and len(events[0]["data"]["items"]) == 40
+
+
+def test_a_prefix_with_no_images_fails_the_job_naming_it(fleet):
+    job = fleet["client"].submit_prefix("s3://fan-in/nothing-here/", output="s3://fan-out/")
+    status = fleet["client"].wait(job, timeout=60)
+    assert status.state == "failed" and status.error.code == "not_found"
+    assert "s3://fan-in/nothing-here/" in status.error.message
+
+
+def test_a_chunk_sent_twice_runs_once(fleet):
+    """A planner that died between sending a chunk and marking it sent sends it again with
+    another nonce: one copy runs, the other is dropped before any work."""
+    from celery import Celery
+
+    from ben2q.broker import TASK_CHUNK, celery_config
+
+    client = fleet["client"]
+    request = make_request(
+        "batch", [f"s3://fan-in/{'pq'[i % 2]}.png" for i in range(32)], "s3://fan-out/"
+    )
+    fleet["store"].create(JobStatus.queued(request))
+    app = Celery("planner", set_as_current=False)
+    app.conf.update(celery_config(client.settings))
+    for start, nonce in ((0, "copy-a"), (0, "copy-b"), (16, "copy-c")):
+        piece = request.model_copy(update={"inputs": request.inputs[start : start + 16]})
+        app.send_task(
+            TASK_CHUNK,
+            kwargs={"request": piece.model_dump(mode="json"), "start": start, "nonce": nonce},
+            queue=client.settings.batch_queue,
+        )
+    status = client.wait(request.id, timeout=120)
+    app.close()
+    assert status.state == "succeeded" and status.counts.succeeded == 32
+    assert_outputs_once(fleet, status)
+    deadline = time.monotonic() + 10
+    dropped = 0
+    while time.monotonic() < deadline:
+        logs = "".join(p.read_text(errors="replace") for p in fleet["logs"].glob("*.log"))
+        dropped = logs.count(f"job {request.id} chunk 0: another copy holds it")
+        if dropped:
+            break
+        time.sleep(0.1)
+    assert dropped == 1

@@ -52,6 +52,7 @@ def check_request(
         request.kind,
         request.inputs,
         request.output,
+        prefix=request.prefix,
         options=request.options,
         webhook_url=request.webhook_url,
         webhook_events=request.webhook_events,
@@ -74,6 +75,9 @@ def _check_scope(request: JobRequest, settings: Settings, key: ApiKey | None) ->
         field = "input" if single else f"inputs[{i}]"
         if uploads is None or not under_prefix(uri, uploads, field):
             check_input(key, uri, field)
+    if request.prefix is not None:  # a prefix under the key's own (uploads included)
+        if uploads is None or not under_prefix(request.prefix, uploads, "prefix"):
+            check_input(key, request.prefix, "prefix")
     background = request.options.background_uri
     if background is not None:
         check_input(key, background, "background")

@@ -426,7 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
         "for it with --wait. Exit status: 0 succeeded (or enqueued), 1 failed, 2 invalid "
         "request or no Redis, 3 --timeout ran out.",
     )
-    submit.add_argument("inputs", nargs="+", metavar="INPUT", help="s3://, http(s):// or file://")
+    submit.add_argument("inputs", nargs="*", metavar="INPUT", help="s3://, http(s):// or file://")
+    submit.add_argument(
+        "--prefix",
+        metavar="LOCATION",
+        help="instead of inputs: every image under s3://bucket/prefix/ or file:///dir/ "
+        "(one batch job)",
+    )
     submit.add_argument("--output", required=True, help="s3://bucket/prefix/ or file:///dir/")
     submit.add_argument("--refine", action="store_true", help="refine foreground colours")
     submit.add_argument("--mask", action="store_true", help="also write the grayscale mask")
@@ -548,8 +554,10 @@ def follow(client: Client, job_id: str, timeout: float | None) -> JobStatus:
     last = None
     try:
         for last in client.events(job_id, timeout=timeout):
-            if bar is None:
-                total = len(last.items)
+            if bar is None or (last.counts and last.counts.total != bar.total):
+                if bar is not None:  # a prefix job's listing was recorded: its size is known
+                    bar.close()
+                total = last.counts.total if last.counts is not None else len(last.items)
                 bar = tqdm(total=total, unit="img", desc=job_id[:8], file=sys.stderr)
             bar.n = round(last.progress * bar.total)
             bar.set_postfix_str(last.state)  # also refreshes
@@ -557,12 +565,18 @@ def follow(client: Client, job_id: str, timeout: float | None) -> JobStatus:
         if bar is not None:
             bar.close()
     assert last is not None
-    return last
+    return client.get(last.id) if last.items_apart else last  # events carry a summary
 
 
 def run_submit(client: Client, args: argparse.Namespace) -> int:
     options = {"refine": args.refine, "mask": args.mask, **output_fields(args)}
-    if len(args.inputs) == 1:
+    from .errors import InvalidRequest
+
+    if args.prefix is not None or not args.inputs:
+        if args.inputs or args.prefix is None:
+            raise InvalidRequest("inputs", "give one or more inputs, or --prefix (not both)")
+        job = client.submit_prefix(args.prefix, args.output, **options)
+    elif len(args.inputs) == 1:
         job = client.submit(args.inputs[0], args.output, **options)
     else:
         job = client.submit_batch(args.inputs, args.output, **options)

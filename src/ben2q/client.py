@@ -247,6 +247,36 @@ class Client(BaseClient):
         )
         return self.enqueue(request)
 
+    def submit_prefix(
+        self,
+        prefix: str,
+        output: str,
+        *,
+        refine: bool | None = None,
+        format: str | None = None,
+        mask: bool | None = None,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[str] = ("final",),
+        options: OutputOptions | None = None,
+        **fields: Any,
+    ) -> Job:
+        """Enqueue every image under ``prefix`` (``s3://bucket/photos/``, a ``file://``
+        folder) as one batch job: a worker lists them once and they become its items."""
+        request = self._request(
+            "batch",
+            [],
+            output,
+            prefix=prefix,
+            refine=refine,
+            format=format,
+            mask=mask,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+            options=options,
+            **fields,
+        )
+        return self.enqueue(request)
+
     def enqueue(self, request: JobRequest) -> Job:
         """Create the record of a request built with ``jobs.make_request`` and send it."""
         status = JobStatus.queued(request)
@@ -385,6 +415,34 @@ class AsyncClient(BaseClient):
             "batch",
             inputs,
             output,
+            refine=refine,
+            format=format,
+            mask=mask,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+            options=options,
+            **fields,
+        )
+        return await self.enqueue(request)
+
+    async def submit_prefix(
+        self,
+        prefix: str,
+        output: str,
+        *,
+        refine: bool | None = None,
+        format: str | None = None,
+        mask: bool | None = None,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[str] = ("final",),
+        options: OutputOptions | None = None,
+        **fields: Any,
+    ) -> Job:
+        request = self._request(
+            "batch",
+            [],
+            output,
+            prefix=prefix,
             refine=refine,
             format=format,
             mask=mask,

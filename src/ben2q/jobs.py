@@ -39,6 +39,9 @@ CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 MAX_SIDE = 16384
 """The largest ``max_side`` (and the side any output may have: WebP's own limit)."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+"""What a prefix's listing takes as images (case-insensitive); anything else is skipped.
+The content is checked when each item is read: a file that is not an image fails alone."""
 INLINE_ITEMS = 16
 """Records of jobs with more items keep them apart (``JobStatus.items_apart``): each save
 then writes the summary and the items that changed, not the whole list."""
@@ -293,6 +296,10 @@ class JobRequest(BaseModel):
     credentials. Only that key sees the job through the HTTP API."""
     expires_at: float | None = None
     """When the job's outputs (and uploads) expire under the API's retention; None: kept."""
+    prefix: str | None = None
+    """A batch job's input location (``s3://bucket/photos/``, a ``file://`` folder): the
+    worker lists the images under it once, records them as the job's items, and runs them
+    as ``inputs``. ``inputs`` is empty in the message as submitted."""
 
 
 class Box(BaseModel):
@@ -412,6 +419,9 @@ class JobStatus(BaseModel):
     """Outputs are available until then (epoch seconds), when retention applies."""
     counts: ItemCounts | None = None
     """Items ended so far, by outcome (None only in records written before it existed)."""
+    prefix: str | None = None
+    """Where a batch job's items were listed from (see ``JobRequest.prefix``); until the
+    listing is recorded, ``counts.total`` is 0."""
     items_apart: bool = False
     """The items are stored apart from this summary (a job of more than ``INLINE_ITEMS``).
     Then events carry only the items that changed, and a whole record (``Client.get``; the
@@ -430,7 +440,8 @@ class JobStatus(BaseModel):
             kind=request.kind,
             items=[ItemStatus(index=i, input=uri) for i, uri in enumerate(request.inputs)],
             counts=ItemCounts(total=n),
-            items_apart=n > INLINE_ITEMS,
+            items_apart=n > INLINE_ITEMS or request.prefix is not None,
+            prefix=request.prefix,
             options=request.options,
             output=request.output,
             created_at=request.submitted_at,
@@ -464,7 +475,7 @@ class JobStatus(BaseModel):
             ok, total = self.counts.succeeded, self.counts.total
         else:
             ok, total = sum(1 for item in self.items if item.state == "succeeded"), len(self.items)
-        if ok == total:
+        if total and ok == total:
             self.state = "succeeded"
         elif ok:
             self.state = "partial"
@@ -569,11 +580,36 @@ def validate_output(uri: object, *, local_root: str | None = None) -> str:
     return uri if uri.endswith("/") else uri + "/"
 
 
+def validate_prefix(uri: object, *, local_root: str | None = None) -> str:
+    """Check a batch job's input location (``s3://bucket/some/prefix/``, or a ``file://``
+    folder inside the local root); returned ending in ``/`` (``photos`` must not take
+    ``photos2/``)."""
+    field = "prefix"
+    if not isinstance(uri, str) or not uri:
+        raise InvalidRequest(field, "must be an s3:// or file:// location")
+    if len(uri) > 1024:
+        raise InvalidRequest(field, "at most 1024 characters")
+    parts = _split(uri, field)
+    scheme = parts.scheme.lower()
+    if scheme not in OUTPUT_SCHEMES:
+        raise InvalidRequest(
+            field, f"unsupported scheme {scheme or '(none)'!r}; use s3:// or file://"
+        )
+    if parts.query or parts.fragment:
+        raise InvalidRequest(field, "a location has no query or fragment")
+    if scheme == "s3":
+        _check_s3_uri(uri, field, need_key=False)
+    else:
+        _check_file_uri(uri, field, local_root)
+    return uri if uri.endswith("/") else uri + "/"
+
+
 def make_request(
     kind: JobKind,
     inputs: Sequence[str],
     output: str,
     *,
+    prefix: object = None,
     options: object = None,
     webhook_url: object = None,
     webhook_events: object = ("final",),
@@ -593,7 +629,13 @@ def make_request(
         raise InvalidRequest("job_id", "must be letters, digits, '_' or '-' (one path segment)")
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
         raise InvalidRequest(field, "must be a list of URIs")
-    if not inputs:
+    if prefix is not None:
+        if kind != "batch":
+            raise InvalidRequest("prefix", "only a batch job takes a prefix")
+        if inputs:
+            raise InvalidRequest("prefix", "give inputs or a prefix, not both")
+        prefix = validate_prefix(prefix, local_root=local_root)
+    elif not inputs:
         raise InvalidRequest(field, "a batch needs at least one input")
     if kind == "single" and len(inputs) != 1:
         raise InvalidRequest(field, "a single job takes exactly one input")
@@ -621,6 +663,7 @@ def make_request(
         webhook_events=events,
         tenant=tenant,
         expires_at=expires_at,
+        prefix=prefix,  # type: ignore[arg-type]
     )
 
 

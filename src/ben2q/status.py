@@ -12,7 +12,8 @@ Layout (``Keys``)::
     ben2q:cancel:{id}    "1" once a cancel was requested, EX status_ttl
     ben2q:chunks:{id}    hash of a fanned-out batch job: ``sent:{start}`` once its chunk
                          starting at item ``start`` is on the queue, ``attempts:{start}``
-                         deliveries of that chunk so far; EX status_ttl
+                         deliveries of that chunk so far, ``owner:{start}`` the nonce of
+                         the copy of that chunk that runs; EX status_ttl
 
 ``StatusStore`` (sync, ``redis``) and ``AsyncStatusStore`` (``redis.asyncio``) have the
 same methods and do only I/O; key naming, (de)serialization, the cancel transition and
@@ -71,6 +72,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+LISTING_PIECE = 10_000
+"""Items per HSET when a prefix job's listing is recorded (one MULTI in all)."""
 
 POLL_INTERVAL = 1.0
 """``EventStream``'s default seconds between re-reads (stores pass ``REREAD_INTERVAL``)."""
@@ -561,6 +565,37 @@ class StatusStore:
                 except WatchError:
                     continue
 
+    def record_listing(self, job_id: str, inputs: list[str]) -> JobStatus | None:
+        """Record the images listed under a prefix job's location as its items, once
+        (WATCH/MULTI): a record that has its items already (a redelivered job) keeps them.
+        Returns the record's summary as it now stands; None if the record is gone."""
+        key = self.keys.job(job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        pipe.unwatch()
+                        return None
+                    status = decode(raw)
+                    if status.done or (status.counts is not None and status.counts.total):
+                        pipe.unwatch()
+                        return status
+                    items = [ItemStatus(index=i, input=uri) for i, uri in enumerate(inputs)]
+                    status.counts, status.items_apart = ItemCounts(total=len(items)), True
+                    pipe.multi()
+                    for start in range(0, len(items), LISTING_PIECE):
+                        piece = items[start : start + LISTING_PIECE]
+                        pipe.hset(self.keys.items(job_id), mapping=item_fields(piece))
+                    pipe.expire(self.keys.items(job_id), self.ttl)
+                    pipe.set(key, encode(status), ex=self.ttl)
+                    pipe.publish(self.keys.events(job_id), encode_event(status, []))
+                    pipe.execute()
+                    return status
+                except WatchError:
+                    continue
+
     def chunk_attempt(self, job_id: str, start: int) -> int:
         """Count one more delivery of the chunk starting at ``start``; the count so far."""
         name = self.keys.chunks(job_id)
@@ -569,6 +604,22 @@ class StatusStore:
             pipe.expire(name, self.ttl)
             attempts, _ = pipe.execute()
         return int(attempts)
+
+    def claim_chunk(self, job_id: str, start: int, nonce: str) -> bool:
+        """Whether the copy ``nonce`` of the chunk at ``start`` may run: the first copy to
+        ask claims it (HSETNX), later asks by the same copy are granted, others refused."""
+        name, field = self.keys.chunks(job_id), f"owner:{start}"
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(name, field, nonce)
+            pipe.hget(name, field)
+            pipe.expire(name, self.ttl)
+            _, owner, _ = pipe.execute()
+        return owner is not None and owner.decode() == nonce
+
+    def chunk_owner(self, job_id: str, start: int) -> str | None:
+        """The nonce of the copy that claimed the chunk at ``start``, if any."""
+        owner = self.redis.hget(self.keys.chunks(job_id), f"owner:{start}")
+        return None if owner is None else owner.decode()
 
     def chunks_sent(self, job_id: str) -> set[int]:
         """Starts of the chunks of a fanned-out job already on the queue."""

@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Collection
 from queue import Queue
 from typing import Any
@@ -49,9 +50,10 @@ from pydantic import ValidationError
 from .admission import check_request, refuse
 from .broker import TASK_BATCH, TASK_CHUNK, TASK_REMOVE, TASK_WEBHOOK
 from .config import Settings
-from .errors import BEN2QError, DeviceUnavailable, JobTimeout
+from .errors import BEN2QError, DeviceUnavailable, JobTimeout, StorageError
 from .jobs import ErrorInfo, JobKind, JobRequest, JobStatus, WebhookAttempt
 from .keys import KeyStore
+from .listing import list_images
 from .runner import JobRun, run_chunk, run_jobs
 from .worker import app, guard, leave_service, notify, state, webhook_time_limits
 
@@ -85,6 +87,60 @@ def _admit(request: JobRequest | None, kind: JobKind) -> JobRequest | None:
         return None
 
 
+def _max_items(request: JobRequest) -> int:
+    """The batch limit of ``request``: the worker's, or its key's if lower."""
+    key = KeyStore.on(state.store().redis).get(request.tenant) if request.tenant else None
+    if key is not None and key.max_batch:
+        return min(settings.max_batch_items, key.max_batch)
+    return settings.max_batch_items
+
+
+def _listed(request: JobRequest) -> JobRequest | None:
+    """A prefix job with its inputs: the images under its prefix, listed once and recorded
+    in its record (a redelivered job reads them back instead of listing again). ``None``
+    when it must not run now: ended, cancelled, its listing failed (permanently: the job
+    fails with the error's code; transiently: it is re-sent with backoff)."""
+    store = state.store()
+    status = store.get(request.id, items=False)
+    if status is None:  # a message whose record is gone or was never made: make it
+        try:
+            store.create(JobStatus.queued(request))
+        except ValueError:
+            pass  # made meanwhile
+        status = store.get(request.id, items=False)
+    if status is None or status.done:
+        return None
+    if not (status.counts and status.counts.total):
+        assert request.prefix is not None
+        local_root = None if settings.local_root is None else str(settings.local_root)
+        try:
+            inputs = list_images(
+                state.runner().storage,
+                request.prefix,
+                output=request.output,
+                limit=_max_items(request),
+                local_root=local_root,
+            )
+        except BEN2QError as exc:
+            run = state.runner().begin(request, items=False)
+            if run is None:
+                return None
+            if isinstance(exc, StorageError) or getattr(exc, "transient", False):
+                run.transient.append(exc)
+                countdown = _retry(run)
+                if countdown is not None:
+                    state.runner().prepare_retry(run, countdown)
+                    return None
+            state.runner().fail_all(run, exc)
+            return None
+        status = store.record_listing(request.id, inputs)
+        if status is None or status.done:
+            return None
+    assert status.counts is not None
+    items = store.get_items(request.id, 0, status.counts.total) or []
+    return request.model_copy(update={"inputs": [item.input for item in items], "prefix": None})
+
+
 def _retry(run: JobRun) -> float | None:
     """Re-send a job after transient errors; None when its attempts are spent."""
     attempt = run.attempt
@@ -95,7 +151,9 @@ def _retry(run: JobRun) -> float | None:
     )
     countdown = max(countdown, 0.5)
     if run.chunk:
-        _send_chunk(run.request, run.offset or 0, countdown=countdown)
+        start = run.offset or 0
+        nonce = state.store().chunk_owner(run.request.id, start)
+        _send_chunk(run.request, start, countdown=countdown, nonce=nonce)
         log.info(
             "job %s chunk %d: transient error, retry %d in %.1f s",
             run.request.id,
@@ -225,10 +283,18 @@ class BatchedJobTask(Batches):
         )
 
 
-def _send_chunk(request: JobRequest, start: int, *, countdown: float | None = None) -> None:
+def _send_chunk(
+    request: JobRequest, start: int, *, countdown: float | None = None, nonce: str | None = None
+) -> None:
+    """Put a chunk on the batch queue. ``nonce`` names this copy of the chunk: a retry keeps
+    it, a planner re-sending after a crash makes a new one, and only one copy runs."""
     app.send_task(
         TASK_CHUNK,
-        kwargs={"request": request.model_dump(mode="json"), "start": start},
+        kwargs={
+            "request": request.model_dump(mode="json"),
+            "start": start,
+            "nonce": nonce or uuid.uuid4().hex,
+        },
         task_id=f"{request.id}-{start}",
         countdown=countdown,
         queue=settings.batch_queue,
@@ -331,6 +397,8 @@ class BatchJobMessage(Request):
         request = body.get("request")
         inputs = request.get("inputs") if isinstance(request, dict) else None
         n = min(len(inputs), settings.max_batch_items) if isinstance(inputs, list) else 1
+        if isinstance(request, dict) and request.get("prefix"):  # lists, then fans out
+            n = settings.batch_chunk or settings.max_batch_items
         hard_cap, soft_cap = settings.job_time_limit * n, settings.job_soft_time_limit * n
         hard, soft = self.time_limits
         self.time_limits = (min(hard or hard_cap, hard_cap), min(soft or soft_cap, soft_cap))
@@ -356,6 +424,8 @@ class BatchJobMessage(Request):
 def batch(self: Any, request: dict[str, Any]) -> str | None:
     """A batch job: its inputs run in chunks of ``max_batch``, pipelined with I/O."""
     parsed = _admit(_parse({"request": request}), "batch")
+    if parsed is not None and parsed.prefix is not None:
+        parsed = _listed(parsed)
     if parsed is None:
         return None
     if settings.batch_chunk and len(parsed.inputs) > settings.batch_chunk:
@@ -374,14 +444,18 @@ def batch(self: Any, request: dict[str, Any]) -> str | None:
     acks_late=True,
     reject_on_worker_lost=True,
 )
-def chunk(self: Any, request: dict[str, Any], start: int) -> str | None:
+def chunk(self: Any, request: dict[str, Any], start: int, nonce: str | None = None) -> str | None:
     """One chunk of a fanned-out batch job: the job's items ``start …``.
 
     A worker holds up to its prefetch of messages, which may all be chunks while single
     jobs arrive on the job queue it reads first; so a chunk about to start while single
     jobs wait goes back to the batch queue (``Reject(requeue=True)``, before any work or
     attempt is counted), the freed prefetch slot takes a single job, and the chunk runs
-    later here or on another worker."""
+    later here or on another worker.
+
+    A planner that died between sending a chunk and marking it sent sends it again on
+    redelivery, with another ``nonce``: the first copy to start claims the chunk, and any
+    other copy is dropped (a redelivery of the same message keeps its nonce and runs)."""
     if state.jobs_waiting():
         raise Reject("single-image jobs are waiting; the chunk goes back to its queue", True)
     parsed = _admit(_parse({"request": request}), "batch")
@@ -390,6 +464,9 @@ def chunk(self: Any, request: dict[str, Any], start: int) -> str | None:
     if not isinstance(start, int) or isinstance(start, bool) or start < 0:
         log.error("job %s: a chunk message with start %r; dropped", parsed.id, start)
         return None
+    if nonce is not None and not state.store().claim_chunk(parsed.id, start, str(nonce)):
+        log.warning("job %s chunk %d: another copy holds it; this one dropped", parsed.id, start)
+        return "duplicate"
     try:
         status = run_chunk(state.runner(), parsed, start, timeouts=TIMEOUTS, on_retry=_retry)
     except DeviceUnavailable as exc:

@@ -21,6 +21,12 @@ class JobCreate(JobOptions):
     inputs: list[str] | None = Field(
         None, min_length=1, description="A batch job's input URIs (at most the key's max)."
     )
+    prefix: str | None = Field(
+        None,
+        max_length=1024,
+        description="A batch job's input location instead of `inputs` (`s3://bucket/photos/`"
+        ", within the key's input scopes): the images under it become the job's items.",
+    )
     output: str | None = Field(
         None,
         max_length=1024,

@@ -61,7 +61,11 @@ async def build_request(
 ) -> JobRequest:
     """Validate ``body`` against the key (nothing is written); ``Problem``/errors if bad."""
     settings = svc.settings
-    if uploads:
+    if body.prefix is not None and (uploads or body.input is not None or body.inputs is not None):
+        raise InvalidRequest("prefix", "give a prefix alone, without input, inputs or files")
+    if body.prefix is not None:
+        inputs, kind = [], "batch"
+    elif uploads:
         if body.input is not None or body.inputs is not None:
             raise InvalidRequest("input", "send files or input URIs, not both")
         inputs = list(uploads)
@@ -84,6 +88,7 @@ async def build_request(
         kind,  # type: ignore[arg-type]
         inputs,
         output,
+        prefix=body.prefix,
         options=body.options(),
         webhook_url=body.webhook_url,
         webhook_events=body.webhook_events,
@@ -93,6 +98,8 @@ async def build_request(
         expires_at=now + settings.api_retention,
         job_id=job_id,
     )
+    if request.prefix is not None:
+        check_input(key, request.prefix, "prefix")
     if not uploads:  # uploads are the API's own objects; URIs must be in the key's scope
         for i, uri in enumerate(request.inputs):
             check_input(key, uri, "input" if kind == "single" else f"inputs[{i}]")

@@ -106,7 +106,7 @@ async def create_job(
         elif is_json(request):
             body = await read_json(request, JobCreate, svc.settings.api_max_json_bytes)
             job = await build_request(svc, key, body)
-            await admit(request, svc, key, len(job.inputs))
+            await admit(request, svc, key, max(1, len(job.inputs)))  # a prefix: 1
         else:
             raise Problem(
                 415,
