@@ -251,15 +251,26 @@ class JobRunner:
             return None
         return run
 
-    def _merge(self, run: JobRun) -> tuple[JobStatus | None, bool]:
-        """Write a chunk's items that changed into its job's record; (the record, whether
-        it ended). Where items are kept apart the record is a summary. ``(None, False)``
-        if nothing changed (the record holds the chunk as it is: it cannot end here) or
-        the record is gone."""
+    def _merge(self, run: JobRun) -> JobStatus | None:
+        """Write a chunk's items that changed into its job's record; the record (a summary
+        where items are kept apart), or None if nothing changed (the record holds the chunk
+        as it is) or the record is gone. The merge that writes the job's last item ends it
+        here, whichever save it is (a pass's uploads may all be done by its checkpoint):
+        the final log line, metrics and webhook happen once."""
         changed = run.changed()
         if not changed:
-            return None, False
-        return self.store.merge_items(run.request.id, changed)
+            return None
+        merged, ended = self.store.merge_items(run.request.id, changed)
+        if ended and merged is not None:
+            log.info(
+                "job %s %s in %.0f ms (its last chunk ended here)",
+                merged.id,
+                merged.state,
+                merged.run_ms or 0,
+                extra={"job_id": merged.id, "state": merged.state},
+            )
+            self._ended(merged)
+        return merged
 
     def _save(self, run: JobRun) -> None:
         """Save a whole job's record (where items are kept apart: those that changed)."""
@@ -274,19 +285,9 @@ class JobRunner:
                 for item in status.items:
                     if item.state in ("pending", "running"):
                         item.state = "cancelled"
-            merged, ended = self._merge(run)
             if self.metrics is not None and run.status.items_apart:
                 self.metrics.record_chunk(run.status, worker=self.hostname)  # the job: without
-            if ended and merged is not None:
-                log.info(
-                    "job %s %s in %.0f ms (its last chunk ended here)",
-                    merged.id,
-                    merged.state,
-                    merged.run_ms or 0,
-                    extra={"job_id": merged.id, "state": merged.state},
-                )
-                self._ended(merged)
-            return merged or run.status
+            return self._merge(run) or run.status
         if run.cancelled:
             self._cancel(status, now)
             return status
@@ -536,8 +537,8 @@ class JobRunner:
                 run.cancelled = True
                 log.info("job %s cancelled while running", status.id)
             elif run.chunk:
-                merged, _ = self._merge(run)
-                if merged is not None:
+                merged = self._merge(run)
+                if merged is not None and not merged.done:
                     self._notify(merged, "progress")
             else:
                 self._save(run)

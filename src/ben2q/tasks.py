@@ -198,6 +198,8 @@ class BatchedJobTask(Batches):
     _inflight_lock = threading.Lock()
     _marked = 0.0
     """When this worker last marked buffered jobs in Redis (0: not marked)."""
+    _pending = 0
+    """Batches of single jobs handed to the pool and not yet started (behind chunks)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -215,18 +217,24 @@ class BatchedJobTask(Batches):
         return handle_now
 
     def _do_flush(self) -> None:
-        # While a batch runs, keep collecting (up to a full batch) instead of queueing
-        # small batches behind it; when idle, flush at once.
-        busy = self._inflight or worker_state.active_requests  # a batch job counts too
-        if busy and self._buffer.qsize() < self.flush_every:
-            now = time.monotonic()
-            if self._buffer.qsize() and now - self._marked > 5.0:  # the mark lives 10 s
-                state.mark_jobs_buffered(True)  # chunks about to start step aside (``chunk``)
-                self._marked = now
-            return
-        if self._marked:
+        # While a batch of single jobs (or a batch job) runs, keep collecting (up to a full
+        # batch) instead of queueing small batches behind it; when idle, flush at once.
+        # Chunks of fanned-out batch jobs do not hold single jobs back: those are handed to
+        # the pool at once, and until they start, chunks about to start step aside
+        # (``chunk``, through the mark in Redis), so they run right after the current one.
+        active = list(worker_state.active_requests)
+        chunks = any(getattr(r, "name", None) == TASK_CHUNK for r in active)
+        busy = self._inflight or any(getattr(r, "name", None) != TASK_CHUNK for r in active)
+        waiting = self._buffer.qsize() or self._pending
+        now = time.monotonic()
+        if waiting and (busy or chunks) and now - self._marked > 5.0:  # the mark lives 10 s
+            state.mark_jobs_buffered(True)
+            self._marked = now
+        elif not waiting and self._marked:
             state.mark_jobs_buffered(False)
             self._marked = 0.0
+        if busy and self._buffer.qsize() < self.flush_every:
+            return
         super()._do_flush()
 
     def _done(self) -> None:
@@ -241,13 +249,27 @@ class BatchedJobTask(Batches):
         simple = ([SimpleRequest.from_request(r) for r in requests],)
         with self._inflight_lock:
             BatchedJobTask._inflight += 1
+            BatchedJobTask._pending += 1
         started = time.monotonic()
+        accepted = threading.Event()
+
+        def started_now() -> None:
+            if not accepted.is_set():
+                accepted.set()
+                with self._inflight_lock:
+                    BatchedJobTask._pending -= 1
+                    idle = not BatchedJobTask._pending and not self._buffer.qsize()
+                if idle and self._marked:  # at once: the chunk after this batch must run
+                    state.mark_jobs_buffered(False)
+                    self._marked = 0.0
 
         def on_accepted(pid: int, time_accepted: float) -> None:
+            started_now()
             for req in requests:
                 req.send_event("task-started")
 
         def on_return(_: Any) -> None:
+            started_now()
             self._done()
             guard.job_finished()
             runtime = time.monotonic() - started
@@ -256,6 +278,7 @@ class BatchedJobTask(Batches):
                 req.acknowledge()
 
         def on_error(einfo: Any) -> None:
+            started_now()
             self._done()
             exc = getattr(einfo, "exception", einfo)
             if isinstance(exc, ExceptionWithTraceback):  # billiard's wrapper of the real one
@@ -437,6 +460,19 @@ def batch(self: Any, request: dict[str, Any]) -> str | None:
     return status.state if status else None
 
 
+MAX_DEFER = 30.0
+"""Chunks step aside for single jobs only while this worker ran a chunk in the last
+``MAX_DEFER`` seconds: a steady stream of single jobs slows a batch job to one chunk per
+worker per ``MAX_DEFER``, but never starves it."""
+
+_last_chunk = time.monotonic()
+"""When this pool process last started a chunk (or was made)."""
+
+
+def _may_yield() -> bool:
+    return time.monotonic() - _last_chunk < MAX_DEFER
+
+
 @app.task(
     name=TASK_CHUNK,
     Request=BatchJobMessage,
@@ -451,13 +487,16 @@ def chunk(self: Any, request: dict[str, Any], start: int, nonce: str | None = No
     jobs arrive on the job queue it reads first; so a chunk about to start while single
     jobs wait goes back to the batch queue (``Reject(requeue=True)``, before any work or
     attempt is counted), the freed prefetch slot takes a single job, and the chunk runs
-    later here or on another worker.
+    later here or on another worker. It steps aside only while this process ran a chunk
+    in the last ``MAX_DEFER`` seconds (no starvation).
 
     A planner that died between sending a chunk and marking it sent sends it again on
     redelivery, with another ``nonce``: the first copy to start claims the chunk, and any
     other copy is dropped (a redelivery of the same message keeps its nonce and runs)."""
-    if state.jobs_waiting():
+    global _last_chunk
+    if state.jobs_waiting() and _may_yield():
         raise Reject("single-image jobs are waiting; the chunk goes back to its queue", True)
+    _last_chunk = time.monotonic()
     parsed = _admit(_parse({"request": request}), "batch")
     if parsed is None:
         return None
