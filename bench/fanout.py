@@ -34,21 +34,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from load import synthetic  # noqa: E402  (bench/load.py: the same test photos)
 from servers import S3_ENV, RedisServer, S3Server  # noqa: E402
 from stack import Worker, service_env  # noqa: E402
-
-
-def synthetic(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    img = (rng.random((h, w, 3)) * 60 + 90).astype(np.uint8)
-    img[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = (200, 40 + seed % 100, 30)
-    return Image.fromarray(img)
 
 
 def pct(values: list[float], q: float) -> float:

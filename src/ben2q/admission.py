@@ -44,9 +44,7 @@ def check_request(
     when the key does not exist: then a tenant job is refused)."""
     if expected_kind is not None and request.kind != expected_kind:
         raise InvalidRequest("kind", f"a {request.kind!r} job sent to the {expected_kind} task")
-    max_items = settings.max_batch_items
-    if request.tenant is not None and key is not None and key.max_batch:
-        max_items = min(max_items, key.max_batch)
+    max_items = batch_limit(settings, key if request.tenant is not None else None)
     local_root = None if settings.local_root is None else str(settings.local_root)
     make_request(  # the producer's own rules; raises InvalidRequest naming the field
         request.kind,
@@ -64,6 +62,13 @@ def check_request(
     if request.tenant is not None:
         _check_scope(request, settings, key)
     return request
+
+
+def batch_limit(settings: Settings, key: ApiKey | None) -> int:
+    """Inputs of one batch job at most: the worker's limit, or the key's if lower."""
+    if key is not None and key.max_batch:
+        return min(settings.max_batch_items, key.max_batch)
+    return settings.max_batch_items
 
 
 def _check_scope(request: JobRequest, settings: Settings, key: ApiKey | None) -> None:

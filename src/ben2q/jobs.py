@@ -470,11 +470,9 @@ class JobStatus(BaseModel):
     def settle(self) -> JobStatus:
         """Derive the final state from the items: all good, some good, or none (from the
         counts where the record holds only some items)."""
-        self.recount()
-        if self.counts is not None:
-            ok, total = self.counts.succeeded, self.counts.total
-        else:
-            ok, total = sum(1 for item in self.items if item.state == "succeeded"), len(self.items)
+        counts = self.recount().counts  # a summary keeps the counts it has
+        assert counts is not None  # a whole record was just counted
+        ok, total = counts.succeeded, counts.total
         if total and ok == total:
             self.state = "succeeded"
         elif ok:

@@ -203,7 +203,8 @@ class JobRunner:
                 "(its worker died each time)",
             )
             if not status.whole:
-                status.items = self.store.get_items(request.id, 0, len(request.inputs)) or []
+                stop = len(request.inputs)
+                status.items = self.store.get_items(request.id, 0, stop, summary=status) or []
             for item in status.items:
                 if item.state != "succeeded":
                     item.state, item.error = "failed", status.error
@@ -224,7 +225,7 @@ class JobRunner:
             return None
         stop = offset + len(request.inputs)
         if stored.items_apart:
-            items = self.store.get_items(request.id, offset, stop) or []
+            items = self.store.get_items(request.id, offset, stop, summary=stored) or []
         else:
             items = stored.items[max(0, offset) : stop]
         if offset < 0 or [item.input for item in items] != request.inputs:
@@ -375,7 +376,8 @@ class JobRunner:
 
     def _cancel(self, status: JobStatus, now: float) -> None:
         if not status.whole and status.counts is not None:  # a summary: its items too
-            status.items = self.store.get_items(status.id, 0, status.counts.total) or []
+            total = status.counts.total
+            status.items = self.store.get_items(status.id, 0, total, summary=status) or []
         status.state = "cancelled"
         status.finished_at = now
         for item in status.items:

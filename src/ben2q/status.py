@@ -440,9 +440,12 @@ class StatusStore:
             return status
         return with_items(status, self.redis.hvals(self.keys.items(status.id)))
 
-    def get_items(self, job_id: str, start: int, stop: int) -> list[ItemStatus] | None:
-        """Items ``start … stop - 1`` of a job (fewer at its end); None if it is gone."""
-        status = self.get(job_id, items=False)
+    def get_items(
+        self, job_id: str, start: int, stop: int, *, summary: JobStatus | None = None
+    ) -> list[ItemStatus] | None:
+        """Items ``start … stop - 1`` of a job (fewer at its end); None if it is gone.
+        ``summary``: the job's record as the caller just read it (not read again)."""
+        status = summary if summary is not None else self.get(job_id, items=False)
         if status is None:
             return None
         wanted = item_range(status, start, stop)
@@ -755,8 +758,10 @@ class AsyncStatusStore:
             return status
         return with_items(status, await self.redis.hvals(self.keys.items(status.id)))
 
-    async def get_items(self, job_id: str, start: int, stop: int) -> list[ItemStatus] | None:
-        status = await self.get(job_id, items=False)
+    async def get_items(
+        self, job_id: str, start: int, stop: int, *, summary: JobStatus | None = None
+    ) -> list[ItemStatus] | None:
+        status = summary if summary is not None else await self.get(job_id, items=False)
         if status is None:
             return None
         wanted = item_range(status, start, stop)

@@ -47,7 +47,7 @@ from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 from pydantic import ValidationError
 
-from .admission import check_request, refuse
+from .admission import batch_limit, check_request, refuse
 from .broker import TASK_BATCH, TASK_CHUNK, TASK_REMOVE, TASK_WEBHOOK
 from .config import Settings
 from .errors import BEN2QError, DeviceUnavailable, JobTimeout, StorageError
@@ -90,9 +90,7 @@ def _admit(request: JobRequest | None, kind: JobKind) -> JobRequest | None:
 def _max_items(request: JobRequest) -> int:
     """The batch limit of ``request``: the worker's, or its key's if lower."""
     key = KeyStore.on(state.store().redis).get(request.tenant) if request.tenant else None
-    if key is not None and key.max_batch:
-        return min(settings.max_batch_items, key.max_batch)
-    return settings.max_batch_items
+    return batch_limit(settings, key)
 
 
 def _listed(request: JobRequest) -> JobRequest | None:
@@ -137,7 +135,7 @@ def _listed(request: JobRequest) -> JobRequest | None:
         if status is None or status.done:
             return None
     assert status.counts is not None
-    items = store.get_items(request.id, 0, status.counts.total) or []
+    items = store.get_items(request.id, 0, status.counts.total, summary=status) or []
     return request.model_copy(update={"inputs": [item.input for item in items], "prefix": None})
 
 
@@ -368,7 +366,8 @@ def _fail_timed_out(kwargs_list: list[dict[str, Any]]) -> None:
         info = ErrorInfo(**err.to_dict())
         start = kwargs.get("start")
         if isinstance(start, int) and request is not None:
-            items = store.get_items(request.id, start, start + len(request.inputs)) or []
+            stop = start + len(request.inputs)
+            items = store.get_items(request.id, start, stop, summary=status) or []
             for item in items:
                 if item.state != "succeeded":
                     item.state, item.error = "failed", info

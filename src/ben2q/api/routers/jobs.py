@@ -219,7 +219,7 @@ async def list_items(
     start = _parse_item_cursor(cursor)
     status = await owned(svc, key.id, job_id, items=False)
     total = status.counts.total if status.counts is not None else len(status.items)
-    items = await svc.store.get_items(job_id, start, start + limit)
+    items = await svc.store.get_items(job_id, start, start + limit, summary=status)
     if items is None:
         raise Problem(404, "not_found", f"no job {job_id!r}")
     stop = start + len(items)

@@ -90,7 +90,7 @@ async def serve(
 ) -> Response:
     status = await owned(svc, key.id, job_id, items=False)
     found = (
-        await svc.store.get_items(job_id, index, index + 1)
+        await svc.store.get_items(job_id, index, index + 1, summary=status)
         if status.items_apart
         else status.items[index : index + 1]
     )
