@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -82,8 +82,16 @@ class Worker:
     """
 
     def __init__(
-        self, env: dict[str, str], log: Path, name: str = "w1", *, wait: bool = True
+        self,
+        env: dict[str, str],
+        log: Path,
+        name: str = "w1",
+        *,
+        wait: bool = True,
+        args: Sequence[str] = (),
+        model: bool = True,
     ) -> None:
+        self.model = model  # False: a worker with no model (webhook deliveries)
         self.log = log
         self.name = name
         self.proc = subprocess.Popen(
@@ -96,6 +104,7 @@ class Worker:
                 f"{name}@%h",
                 "--loglevel",
                 "INFO",
+                *args,
             ],
             env=env,
             stdout=open(log, "ab"),
@@ -111,7 +120,7 @@ class Worker:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited: {self.log.read_text()[-3000:]}")
             text = self.log.read_text(errors="replace")
-            if " ready." in text and "BEN2 tiny ready" in text:
+            if " ready." in text and (not self.model or "BEN2 tiny ready" in text):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"worker not ready: {self.log.read_text()[-3000:]}")

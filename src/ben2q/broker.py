@@ -6,6 +6,7 @@ Celery app from ``celery_config``, so serialization and transport options cannot
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .config import Settings
@@ -49,4 +50,37 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,  # job records live in ben2q.status, not in Celery results
         "timezone": "UTC",
         "enable_utc": True,
+    }
+
+
+UNACKED = "unacked"
+"""The Redis transport's default hash of held messages (``unacked_index``, ``unacked_mutex``
+beside it)."""
+
+
+def unacked_key(settings: Settings, queues: Sequence[str]) -> str:
+    """The hash in which a worker consuming ``queues`` keeps the messages it holds.
+
+    Webhook workers hold retries for up to half the visibility timeout before they are
+    due. Kept apart from the job workers' hash, those never count as GPU work for an
+    autoscaler that counts held messages (deploy/kubernetes: KEDA)."""
+    if settings.unacked_key:
+        return settings.unacked_key
+    if list(queues) == [settings.webhook_queue]:
+        return f"{UNACKED}:{settings.webhook_queue}"
+    return UNACKED
+
+
+def held_options(key: str) -> dict[str, str]:
+    """Transport options that keep a worker's held messages under ``key``."""
+    if key == UNACKED:
+        return {
+            "unacked_key": UNACKED,
+            "unacked_index_key": "unacked_index",
+            "unacked_mutex_key": "unacked_mutex",
+        }
+    return {
+        "unacked_key": key,
+        "unacked_index_key": f"{key}:index",
+        "unacked_mutex_key": f"{key}:mutex",
     }

@@ -123,6 +123,15 @@ class Settings(BaseSettings):
         None, description="Signing secret of webhooks, 'whsec_' + base64 (Standard Webhooks)."
     )
     webhook_queue: str = Field("ben2q-webhooks", description="Queue of webhook deliveries.")
+    unacked_key: str | None = Field(
+        None,
+        min_length=1,
+        description="Redis hash in which a worker keeps the messages it holds (prefetched or "
+        "running; the Redis transport's `unacked`). Default: `unacked`, or "
+        "`unacked:<BEN2Q_WEBHOOK_QUEUE>` for a worker that consumes only webhook deliveries, "
+        "so that the job workers' hash (which an autoscaler counts) never holds webhook "
+        "retries waiting for their time.",
+    )
     webhook_timeout: float = Field(10.0, gt=0, description="Seconds per delivery attempt.")
     webhook_retry_schedule: list[float] = Field(
         [0, 5, 300, 1800, 7200, 18000, 36000, 36000],

@@ -28,7 +28,8 @@ Metrics (units in the names)::
                                                   transport), read at scrape time
     ben2q_broker_unacked_messages       gauge    messages delivered to workers and not yet
                                                   acknowledged (prefetched or running; the
-                                                  transport's ``unacked`` hash)
+                                                  transport's ``unacked`` hashes: job
+                                                  workers' and webhook workers')
     ben2q_up                            gauge    1 if the scrape could read Redis, else 0
                                                   (then no other ben2q_* series are served)
 
@@ -337,7 +338,8 @@ class MetricsCollector(Collector):
     """Reads the recorded figures (and queue lengths) from Redis at every scrape.
 
     ``queues``: broker queue names whose length to report; ``broker_url``: where they live
-    (default: ``redis_url``).
+    (default: ``redis_url``); ``unacked_keys``: the hashes of held messages (job workers'
+    and webhook workers', ``ben2q.broker.unacked_key``), summed.
     """
 
     def __init__(
@@ -347,10 +349,12 @@ class MetricsCollector(Collector):
         prefix: str = PREFIX,
         queues: Sequence[str] = (),
         broker_url: str | None = None,
+        unacked_keys: Sequence[str] = (KOMBU_UNACKED, f"{KOMBU_UNACKED}:{WEBHOOK_QUEUE}"),
         timeout: float = 2.0,
     ) -> None:
         self.prefix = prefix
         self.queues = tuple(queues)
+        self.unacked_keys = tuple(unacked_keys)
         self.redis = _redis_client(redis_url, timeout=timeout, retries=1)
         same = broker_url is None or broker_url == redis_url
         self.broker = self.redis if same else _redis_client(broker_url, timeout=timeout, retries=1)
@@ -370,12 +374,13 @@ class MetricsCollector(Collector):
                 for queue in self.queues:
                     for name in queue_lists(queue):
                         pipe.llen(name)
-                pipe.hlen(KOMBU_UNACKED)
+                for key in self.unacked_keys:
+                    pipe.hlen(key)
                 sizes = pipe.execute()
             steps = len(KOMBU_PRIORITY_STEPS)
             for i, queue in enumerate(self.queues):
                 lengths[queue] = sum(int(s) for s in sizes[i * steps : (i + 1) * steps])
-            unacked = int(sizes[-1])
+            unacked = sum(int(s) for s in sizes[len(sizes) - len(self.unacked_keys) :])
         return data, lengths, unacked
 
     def collect(self) -> Iterator[Metric]:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .broker import held_options, unacked_key
 from .config import Settings, get_settings
 from .health import EXIT_OUT_OF_SERVICE
 
@@ -78,6 +79,9 @@ def run_worker(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     argv = worker_argv(passthrough, queues=queues, gpu=gpu)
+    consumed = (queues or default_queues(app.conf.ben2q_settings)).split(",")
+    key = unacked_key(app.conf.ben2q_settings, [q.strip() for q in consumed if q.strip()])
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, **held_options(key)}
     app.worker_main(["--quiet", *argv] if quiet else argv)
     return guard.exitcode or 0  # EXIT_OUT_OF_SERVICE when it could not run jobs
 

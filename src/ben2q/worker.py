@@ -71,6 +71,17 @@ def prefetch(settings: Settings) -> int:
     return max(2 * settings.max_batch, 1)
 
 
+def longest_job_seconds(settings: Settings) -> float:
+    """The hard time limit of the longest job a worker can be running when it is told to
+    stop: a pass of celery-batches (``BEN2Q_MAX_BATCH`` images), a batch job run whole (at
+    most ``BEN2Q_BATCH_CHUNK`` inputs; larger ones only fan out) or one chunk, at
+    ``BEN2Q_JOB_TIME_LIMIT`` per image. A warm shutdown finishes within it: a supervisor's
+    grace period (Kubernetes' ``terminationGracePeriodSeconds``) must exceed it, or the
+    running job is killed and delivered again."""
+    images = max(settings.max_batch, settings.batch_chunk or settings.max_batch_items)
+    return settings.job_time_limit * images
+
+
 def webhook_time_limits(settings: Settings) -> tuple[float, float]:
     """Soft and hard time limits of one webhook delivery attempt."""
     return settings.webhook_timeout * 3, settings.webhook_timeout * 4

@@ -12,7 +12,9 @@ is ben2q's handling of them, end to end:
   ("CUDA error: an illegal memory access was encountered"), as a failed GPU does;
 - ``crash_on_job``: every forward after the warm-up kills its process with SIGKILL (a
   segfault or the kernel's OOM killer);
-- ``slow_warmup:S``: the warm-up forward takes S seconds longer.
+- ``slow_warmup:S``: the warm-up forward takes S seconds longer;
+- ``slow_forward:S``: every forward after the warm-up takes S seconds longer (a worker
+  that holds its jobs for a while, as a busy GPU worker does).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ if _FAULT:
         if _FAULT == "crash_on_job" and not first:
             os.kill(os.getpid(), signal.SIGKILL)
         if _FAULT.startswith("slow_warmup:") and first:
+            time.sleep(float(_FAULT.split(":", 1)[1]))
+        if _FAULT.startswith("slow_forward:") and not first:
             time.sleep(float(_FAULT.split(":", 1)[1]))
         return _forward(self, x)
 
