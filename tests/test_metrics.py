@@ -126,6 +126,8 @@ def test_recorded_jobs_are_exported(url, exporter):
     raw.lpush("webhooks-test", "w1")
     raw.lpush("unrelated", "x")
     raw.hset("unacked", mapping={"tag1": "{}", "tag2": "{}"})
+    raw.hset("unacked:ben2q-webhooks", "tag3", "{}")  # what webhook workers hold
+    raw.hset("unacked:elsewhere", "tag4", "{}")  # not a hash of ours
     raw.close()
 
     fams = scrape(exporter.port)
@@ -194,7 +196,7 @@ def test_recorded_jobs_are_exported(url, exporter):
         L(queue="webhooks-test"): 1,
         L(queue="empty-q"): 0,
     }
-    assert samples(fams["ben2q_broker_unacked_messages"]) == {L(): 2}
+    assert samples(fams["ben2q_broker_unacked_messages"]) == {L(): 3}
 
     # counters add up across recordings and scrapes read the current values
     with MetricsRecorder(url) as rec:

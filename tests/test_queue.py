@@ -605,3 +605,30 @@ def test_a_job_renders_exactly_what_the_library_renders(stack, client, engine, m
         assert (item.width, item.height, item.format) == (want.width, want.height, want.encoding)
         assert item.box == want.box and item.bytes == len(want.data)
         assert np.array_equal(np.asarray(got), np.asarray(Image.open(io.BytesIO(want.data))))
+
+
+def test_webhook_only_workers_hold_their_messages_apart():
+    """The hash of held messages: ``unacked`` for workers that run jobs (what KEDA counts),
+    its own for a worker that consumes only webhook deliveries, or the setting's."""
+    from ben2q.broker import held_options, unacked_key
+
+    s = Settings(_env_file=None)
+    assert unacked_key(s, ["ben2q", "ben2q-batch"]) == "unacked"
+    assert unacked_key(s, ["ben2q-webhooks", "ben2q", "ben2q-batch"]) == "unacked"
+    assert unacked_key(s, ["ben2q-webhooks"]) == "unacked:ben2q-webhooks"
+    custom = Settings(_env_file=None, webhook_queue="hooks", unacked_key="held:x")
+    assert unacked_key(custom, ["hooks"]) == "held:x"
+    assert unacked_key(custom, ["ben2q"]) == "held:x"
+    assert unacked_key(Settings(_env_file=None, webhook_queue="hooks"), ["hooks"]) == (
+        "unacked:hooks"
+    )
+    assert held_options("unacked") == {
+        "unacked_key": "unacked",
+        "unacked_index_key": "unacked_index",
+        "unacked_mutex_key": "unacked_mutex",
+    }
+    assert held_options("unacked:hooks") == {
+        "unacked_key": "unacked:hooks",
+        "unacked_index_key": "unacked:hooks:index",
+        "unacked_mutex_key": "unacked:hooks:mutex",
+    }
