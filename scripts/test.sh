@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --system
 if [ ! -x .venv/bin/pytest ] || [ ! -x .venv/bin/weed ] \
-   || ! .venv/bin/python -c "import ben2q, torch, fastapi, schemathesis" 2>/dev/null; then
+   || ! .venv/bin/python -c "import ben2q, torch, fastapi, schemathesis, kubernetes_validate, jsonpatch" 2>/dev/null; then
   bash scripts/setup.sh --no-example
 fi
 .venv/bin/ruff check .

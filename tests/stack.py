@@ -81,6 +81,9 @@ class Worker:
     ``stop`` is a warm shutdown that leaves no child behind.
     """
 
+    model = True
+    """False: a worker with no model (webhook deliveries) is ready without one."""
+
     def __init__(
         self,
         env: dict[str, str],
@@ -91,7 +94,7 @@ class Worker:
         args: Sequence[str] = (),
         model: bool = True,
     ) -> None:
-        self.model = model  # False: a worker with no model (webhook deliveries)
+        self.model = model
         self.log = log
         self.name = name
         self.proc = subprocess.Popen(

@@ -20,14 +20,7 @@ def test_probes(api_stack):
         assert health.status_code == 200 and health.json()["status"] == "ok"
         ready = http.get("/readyz")
         assert ready.status_code == 200, ready.text
-        workers = ready.json()["workers"]
-        assert workers >= 1
-        # a fleet that scales workers to zero asks for none (deploy/kubernetes)
-        assert http.get("/readyz", params={"min_workers": 0}).status_code == 200
-        many = problem(http.get("/readyz", params={"min_workers": workers + 1}), 503, "unavailable")
-        assert f"fewer than {workers + 1}" in many["detail"]
-        problem(http.get("/readyz", params={"min_workers": -1}), 422, "invalid_request",
-                "query:min_workers")
+        assert ready.json()["workers"] >= 1
 
 
 def test_no_or_bad_key_is_401(api_stack):

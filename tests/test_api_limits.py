@@ -389,6 +389,24 @@ def test_back_pressure_is_503_overloaded(api_stack, extra_api):
         broker.close()
 
 
+def test_readiness_waits_for_the_workers_it_is_told_to(api_stack, extra_api):
+    """``BEN2Q_API_READY_MIN_WORKERS``: 1 by default; 0 for a fleet scaled to zero, whose
+    API must take jobs before any worker exists (deploy/kubernetes)."""
+    empty = api_stack.redis_url.rsplit("/", 1)[0] + "/2"  # a database no worker beats in
+    redis.Redis.from_url(empty).flushdb()
+    lonely = extra_api("ready-default", BEN2Q_BROKER_URL=empty)
+    scaled = extra_api("ready-zero", BEN2Q_BROKER_URL=empty, BEN2Q_API_READY_MIN_WORKERS="0")
+    many = extra_api("ready-many", BEN2Q_API_READY_MIN_WORKERS="50")
+    with client_to(lonely.url) as http:
+        body = problem(http.get("/readyz"), 503, "unavailable")
+        assert "no image worker" in body["detail"]
+    with client_to(scaled.url) as http:
+        ready = http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["workers"] == 0
+    with client_to(many.url) as http:  # the stack's worker beats, but 1 is fewer than 50
+        assert "fewer than 50" in problem(http.get("/readyz"), 503, "unavailable")["detail"]
+
+
 def test_cors_only_for_configured_origins(api_stack, extra_api):
     server = extra_api("cors", BEN2Q_API_CORS_ORIGINS='["https://app.example"]')
     _, token = api_stack.key("cors")

@@ -200,6 +200,13 @@ class Settings(BaseSettings):
         description="S3 endpoint as clients reach it, for presigned URLs (default: "
         "BEN2Q_S3_ENDPOINT_URL).",
     )
+    api_ready_min_workers: int = Field(
+        1,
+        ge=0,
+        description="`/readyz` answers 503 until this many image workers beat recently. 0 for "
+        "a fleet that scales its workers to zero (deploy/kubernetes): there, the jobs the API "
+        "accepts are what brings workers up.",
+    )
     api_max_wait: float = Field(60.0, gt=0, le=600, description="Longest `Prefer: wait=N`.")
     api_remove_timeout: float = Field(
         60.0, gt=0, le=600, description="How long `POST /v1/remove` waits for its job."

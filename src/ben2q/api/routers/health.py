@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from pydantic import BaseModel
 
 from ..deps import ServicesDep
@@ -36,19 +35,9 @@ async def healthz(svc: ServicesDep) -> Health:
     response_model=Ready,
     responses={503: {"description": "Redis unreachable, or no worker seen recently"}},
 )
-async def readyz(
-    svc: ServicesDep,
-    min_workers: Annotated[
-        int,
-        Query(
-            ge=0,
-            le=10_000,
-            description="Image workers that must have beaten recently. 0 for a fleet that "
-            "scales its workers to zero: there, jobs arriving are what brings workers up.",
-        ),
-    ] = 1,
-) -> Ready:
-    """Readiness: Redis answers and at least ``min_workers`` image workers beat recently."""
+async def readyz(svc: ServicesDep) -> Ready:
+    """Readiness: Redis answers and at least ``BEN2Q_API_READY_MIN_WORKERS`` image workers
+    (default 1) beat recently."""
     try:
         await svc.redis.ping()
         workers = await svc.store.workers_seen(svc.settings.heartbeat_max_age)
@@ -59,13 +48,14 @@ async def readyz(
             f"Redis is unreachable: {type(exc).__name__}",
             headers={"Retry-After": "5"},
         ) from exc
-    if workers < min_workers:
+    wanted = svc.settings.api_ready_min_workers
+    if workers < wanted:
         raise Problem(
             503,
             "unavailable",
             "no image worker has been seen recently"
             if workers == 0
-            else f"{workers} image workers seen recently, fewer than {min_workers}",
+            else f"{workers} image workers seen recently, fewer than {wanted}",
             headers={"Retry-After": "5"},
         )
     return Ready(status="ready", workers=workers)
