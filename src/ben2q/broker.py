@@ -67,8 +67,13 @@ def unacked_key(settings: Settings, queues: Sequence[str]) -> str:
     if settings.unacked_key:
         return settings.unacked_key
     if list(queues) == [settings.webhook_queue]:
-        return f"{UNACKED}:{settings.webhook_queue}"
+        return webhook_unacked_key(settings.webhook_queue)
     return UNACKED
+
+
+def webhook_unacked_key(webhook_queue: str) -> str:
+    """The default hash of the messages held by workers of ``webhook_queue`` alone."""
+    return f"{UNACKED}:{webhook_queue}"
 
 
 def held_options(key: str) -> dict[str, str]:

@@ -88,6 +88,7 @@ from prometheus_client.utils import floatToGoString
 from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
+from .broker import UNACKED, webhook_unacked_key
 from .jobs import JobStatus
 
 __all__ = [
@@ -113,7 +114,6 @@ WEBHOOK_QUEUE = "ben2q-webhooks"
 KOMBU_PRIORITY_SEP = "\x06\x16"
 """kombu's Redis transport keeps priority ``p > 0`` messages in ``queue + sep + str(p)``."""
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
-KOMBU_UNACKED = "unacked"
 
 
 class Histogram:
@@ -349,7 +349,7 @@ class MetricsCollector(Collector):
         prefix: str = PREFIX,
         queues: Sequence[str] = (),
         broker_url: str | None = None,
-        unacked_keys: Sequence[str] = (KOMBU_UNACKED, f"{KOMBU_UNACKED}:{WEBHOOK_QUEUE}"),
+        unacked_keys: Sequence[str] = (UNACKED, webhook_unacked_key(WEBHOOK_QUEUE)),
         timeout: float = 2.0,
     ) -> None:
         self.prefix = prefix

@@ -78,9 +78,10 @@ def run_worker(
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    queues = queues or default_queues(app.conf.ben2q_settings)
     argv = worker_argv(passthrough, queues=queues, gpu=gpu)
-    consumed = (queues or default_queues(app.conf.ben2q_settings)).split(",")
-    key = unacked_key(app.conf.ben2q_settings, [q.strip() for q in consumed if q.strip()])
+    consumed = [q.strip() for q in queues.split(",") if q.strip()]
+    key = unacked_key(app.conf.ben2q_settings, consumed)
     app.conf.broker_transport_options = {**app.conf.broker_transport_options, **held_options(key)}
     app.worker_main(["--quiet", *argv] if quiet else argv)
     return guard.exitcode or 0  # EXIT_OUT_OF_SERVICE when it could not run jobs
